@@ -1,0 +1,3 @@
+from medclf.cli import main
+
+main()

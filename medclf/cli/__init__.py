@@ -1,0 +1,44 @@
+"""The ``medclf`` command line: parse, call the library, print. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from medclf import __version__
+from medclf.cli import ingest as _ingest
+from medclf.cli._common import state
+
+app = typer.Typer(
+    name="medclf",
+    help="Classify medical images (DICOM, NIfTI, PNG, JPEG) with diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"medclf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.", envvar="MEDCLF_DEBUG"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    state.debug = debug
+
+
+app.command("ingest", no_args_is_help=True)(_ingest.ingest_cmd)
+
+
+def main() -> None:
+    """Console-script entry point: library errors become one line on stderr and an exit code."""
+    from medclf.cli._common import run_app
+
+    sys.exit(run_app(app, sys.argv[1:], debug_env=os.environ.get("MEDCLF_DEBUG")))

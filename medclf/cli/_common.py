@@ -1,0 +1,63 @@
+"""What every command shares: error reporting, consoles, exit codes."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import click
+from rich.console import Console
+
+from medclf.errors import ExitCode, MedclfError
+
+out = Console()  # results (tables, JSON) go to stdout
+err = Console(stderr=True)  # progress, warnings and errors go to stderr
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+state = _State()
+
+
+def fail(message: str, code: int = ExitCode.ERROR) -> "NoReturn":  # noqa: F821
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(int(code))
+
+
+def run_app(app, argv: list[str], debug_env: str | None = None) -> int:
+    """Run the Typer app; turn library errors into one line and a documented exit code."""
+    debug = "--debug" in argv or (debug_env or "").lower() in ("1", "true", "yes")
+    try:
+        rc = app(args=argv, prog_name="medclf", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return int(ExitCode.USAGE)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted: re-run with --resume to continue where it stopped")
+        return 130
+    except MedclfError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return int(ExitCode.ERROR)
+    except Exception as e:  # anything unexpected: one line unless --debug
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] unexpected {type(e).__name__}: {e} (re-run with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        return int(ExitCode.ERROR)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

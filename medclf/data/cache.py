@@ -1,0 +1,110 @@
+"""The tensor cache's on-disk format, and reading it back.
+
+    CACHE/
+      manifest.json      header: fingerprint, medclf version, preprocessing, classes, counts, shards.
+                         Written last and atomically: its presence is what makes a cache complete.
+      items.jsonl        one item per line: id, source, label(s), split, shape, spacing, shard, offset
+      errors.jsonl       one failed input per line: path, reason
+      shards/NNNNN.bin   raw float16 (n, C, H, W) arrays: fixed shape, so they memory-map directly
+
+Raw shards rather than .npy/.pt: each worker streams items into its shard without knowing the
+count in advance, and readers ``np.memmap`` them without parsing a header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medclf import __version__
+from medclf.errors import MedclfError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ITEMS = "items.jsonl"
+ERRORS = "errors.jsonl"
+SHARDS = "shards"
+STATE = ".ingest"  # in-progress state (plan, per-shard records); removed when the cache completes
+DTYPE = "float16"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class CacheInfo:
+    """A complete cache's header and items (pixels stay on disk until a Dataset maps them)."""
+
+    path: Path
+    manifest: dict
+    items: list[dict]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.get("classes", [])
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.manifest.get("label_names", [])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["shape"])
+
+    def shard_array(self, shard: int) -> np.memmap:
+        info = self.manifest["shards"][shard]
+        return np.memmap(self.path / info["file"], dtype=DTYPE, mode="r", shape=(info["n"], *self.shape))
+
+    def errors(self) -> list[dict]:
+        return read_jsonl(self.path / ERRORS)
+
+
+def open_cache(path: str | Path) -> CacheInfo:
+    """Load a complete cache; a clear error for a missing, partial or newer-format one."""
+    path = Path(path)
+    if not path.exists():
+        raise MedclfError("cache not found", path)
+    mf = path / MANIFEST
+    if not mf.exists():
+        hint = " (an interrupted ingest: re-run medclf ingest with --resume)" if (path / STATE).exists() else ""
+        raise MedclfError("not a complete medclf cache: manifest.json is missing" + hint, path)
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MedclfError(f"unreadable manifest.json ({e})", path) from None
+    if manifest.get("format", 0) > FORMAT_VERSION:
+        raise MedclfError(f"cache format {manifest.get('format')} was written by a newer medclf "
+                          f"({manifest.get('medclf_version')}); this is {__version__}: upgrade medclf", path)
+    return CacheInfo(path=path, manifest=manifest, items=read_jsonl(path / ITEMS))

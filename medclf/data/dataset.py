@@ -1,0 +1,77 @@
+"""``CacheDataset``: the torch Dataset every training, classification and evaluation step reads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medclf.data.cache import CacheInfo, open_cache
+
+
+class CacheDataset(Dataset):
+    """Items of one cache (optionally one split), as ``{"image", "label", "labels", "index", "id"}``.
+
+    ``image`` is float32 (C, H, W) in [0, 1]; ``label`` is the primary class index or -1 when the
+    item has none; ``labels`` is the multi-label vector with NaN where a target is missing/ignored.
+    Shards are memory-mapped lazily in each process (a memmap must not be pickled into workers).
+    """
+
+    def __init__(self, cache: str | Path | CacheInfo, split: str | None = None, transform: Callable | None = None,
+                 labelled_only: bool = False):
+        self.info = cache if isinstance(cache, CacheInfo) else open_cache(cache)
+        items = self.info.items
+        if split is not None:
+            items = [it for it in items if it.get("split") == split]
+        if labelled_only:
+            items = [it for it in items if it.get("label") is not None]
+        self.items = items
+        self.transform = transform
+        self._maps: dict[int, np.memmap] = {}
+        n_labels = len(self.info.label_names)
+        self._labels = np.full((len(items), max(n_labels, 1)), np.nan, dtype=np.float32)
+        for i, it in enumerate(items):
+            for j, v in enumerate(it.get("labels") or []):
+                if v is not None:
+                    self._labels[i, j] = v
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Primary labels (-1 where missing), e.g. for samplers and metrics."""
+        return np.array([-1 if it.get("label") is None else it["label"] for it in self.items], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _shard(self, k: int) -> np.memmap:
+        m = self._maps.get(k)
+        if m is None:
+            m = self._maps[k] = self.info.shard_array(k)
+        return m
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        image = torch.from_numpy(np.asarray(self._shard(it["shard"])[it["offset"]], dtype=np.float32))
+        if self.transform is not None:
+            image = self.transform(image)
+        label = it.get("label")
+        return {
+            "image": image,
+            "label": -1 if label is None or (isinstance(label, float) and math.isnan(label)) else int(label),
+            "labels": torch.from_numpy(self._labels[i]),
+            "index": i,
+            "id": it["id"],
+        }

@@ -1,0 +1,288 @@
+"""DICOM: single files, multi-frame files, series and DICOMDIR file-sets, read with pydicom.
+
+pydicom is used directly rather than through MONAI's ``PydicomReader``: ingest needs per-file
+failure isolation, the RSNA storage quirks and header-only reads for series grouping, and the
+per-call overhead of ``LoadImage`` dominates on 512x512 slices (see ``benchmarks/ingest.py``).
+Compressed transfer syntaxes decode through the pylibjpeg plugins pydicom finds on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medclf.errors import ReadError
+from medclf.io.image import ImageData
+from medclf.privacy import pseudonym
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+
+def is_dicom(path: Path) -> bool:
+    """True for DICOM Part 10 files, whatever their name (many archives drop the suffix)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dcmread(path: Path, header_only: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        raise ReadError("not a DICOM file (no DICM preamble)", path) from None
+    except FileNotFoundError:
+        raise ReadError("file not found", path) from None
+    except Exception as e:  # pydicom raises many types on broken headers
+        raise ReadError(f"unreadable DICOM header ({type(e).__name__}: {_short(e)})", path) from None
+
+
+def _short(e: Exception, n: int = 160) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _floats(v, n: int | None = None) -> list[float] | None:
+    if v is None:
+        return None
+    vals = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+    try:
+        out = [float(x) for x in vals]
+    except (TypeError, ValueError):
+        return None
+    return out if n is None or len(out) == n else None
+
+
+def _first(v) -> float | None:
+    """First value of a possibly multi-valued element (RSNA files carry two-valued windows)."""
+    f = _floats(v)
+    return f[0] if f else None
+
+
+def header_summary(path: Path) -> dict:
+    """What series grouping needs from a header, with identifiers already pseudonymised."""
+    ds = _dcmread(path, header_only=True)
+    return {
+        "series": pseudonym("series", ds.get("SeriesInstanceUID", str(path))),
+        "group": _group_key(ds, path),
+        "ipp": _floats(ds.get("ImagePositionPatient"), 3),
+        "iop": _floats(ds.get("ImageOrientationPatient"), 6),
+        "instance": int(ds.get("InstanceNumber") or 0),
+        "frames": int(ds.get("NumberOfFrames") or 1),
+        "shape": [int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)],
+    }
+
+
+def _group_key(ds, path: Path) -> str:
+    # Split by patient (then study): slices of one patient are correlated.
+    key = ds.get("PatientID") or ds.get("StudyInstanceUID") or ds.get("SeriesInstanceUID") or str(path)
+    return pseudonym("group", key)
+
+
+def _rescale(ds) -> tuple[float, float]:
+    """(slope, intercept), from the plain elements or an enhanced file's shared functional groups."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is None and intercept is None:
+        for seq_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            seq = ds.get(seq_name)
+            if seq:
+                pvt = seq[0].get("PixelValueTransformationSequence")
+                if pvt:
+                    slope, intercept = pvt[0].get("RescaleSlope"), pvt[0].get("RescaleIntercept")
+                    break
+    return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0)
+
+
+def stored_to_hu(stored: np.ndarray, slope: float, intercept: float, bits_stored: int, pixel_representation: int) -> np.ndarray:
+    """Stored values -> Hounsfield units, with the RSNA-ICH fix for mis-stored 12-bit unsigned files.
+
+    Some RSNA slices are stored unsigned in 12 bits with an intercept near 0, so air wraps around
+    at 4096; the accepted fix (top RSNA solutions) adds 1000, wraps values >= 4096 and uses -1000.
+    """
+    x = stored.astype(np.float32)
+    if bits_stored == 12 and pixel_representation == 0 and intercept > -100:
+        x = x + 1000.0
+        x[x >= 4096] -= 4096.0
+        intercept = -1000.0
+    return x * np.float32(slope) + np.float32(intercept)
+
+
+def _decode(ds, path: Path) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ReadError("no pixel data", path)
+    ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+    try:
+        return ds.pixel_array
+    except NotImplementedError:
+        raise ReadError(f"unsupported transfer syntax {ts} (no decoder installed)", path) from None
+    except (ValueError, RuntimeError, AttributeError, KeyError, TypeError, IndexError, EOFError) as e:
+        msg = _short(e)
+        if "less than expected" in msg or "truncated" in msg.lower():
+            raise ReadError("truncated pixel data", path) from None
+        if "Unable to decode" in msg or "no pixel data handler" in msg.lower() or "plugin" in msg.lower():
+            raise ReadError(f"unsupported transfer syntax {ts} ({msg})", path) from None
+        raise ReadError(f"pixel data cannot be decoded ({msg})", path) from None
+
+
+def _to_image(ds, path: Path) -> tuple[np.ndarray, str, dict]:
+    """Decoded pixels as float32 (S, H, W, C) plus intensity kind and non-identifying facts."""
+    arr = _decode(ds, path)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    spp = int(ds.get("SamplesPerPixel") or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    modality = str(ds.get("Modality", "OT"))
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr, spp = apply_color_lut(arr, ds), 3
+    # Normalise to (S, H, W, C) whatever frames/samples combination pydicom returned.
+    if spp == 1:
+        arr = arr[None] if frames == 1 else arr
+        arr = arr[..., None]
+    else:
+        arr = arr[None] if frames == 1 else arr
+    if arr.ndim != 4:
+        raise ReadError(f"unexpected pixel array shape {tuple(arr.shape)}", path)
+    slope, intercept = _rescale(ds)
+    meta = {
+        "modality": modality,
+        "photometric": photometric,
+        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+        "bits_stored": int(ds.get("BitsStored") or 0),
+        "pixel_representation": int(ds.get("PixelRepresentation") or 0),
+        "rescale": [slope, intercept],
+        "frames": frames,
+    }
+    if spp == 3:
+        return arr.astype(np.float32), "rgb", meta
+    if modality == "CT":
+        hu = stored_to_hu(arr, slope, intercept, meta["bits_stored"], meta["pixel_representation"])
+        return hu, "hu", meta
+    x = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if photometric == "MONOCHROME1":  # low values display white: invert so bright means dense everywhere
+        x = x.max() + x.min() - x
+        meta["inverted"] = True
+    return x, "mono", meta
+
+
+def _spacing(ds) -> list[float] | None:
+    sp = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
+    if sp is None:
+        for seq_name in ("SharedFunctionalGroupsSequence",):
+            seq = ds.get(seq_name)
+            if seq and seq[0].get("PixelMeasuresSequence"):
+                sp = _floats(seq[0].PixelMeasuresSequence[0].get("PixelSpacing"), 2)
+    return sp
+
+
+def read_dicom(path: Path) -> ImageData:
+    """One DICOM file (single- or multi-frame)."""
+    ds = _dcmread(path)
+    arr, kind, meta = _to_image(ds, path)
+    sp = _spacing(ds)
+    meta["spacing"] = (sp + [float(ds.get("SliceThickness") or 0.0)]) if sp else None
+    meta["window"] = [_first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))]
+    meta["original_shape"] = list(arr.shape[:3])
+    return ImageData(arr, kind, meta, affine=None, group=_group_key(ds, path))
+
+
+def _normal(iop: list[float]) -> np.ndarray:
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    return np.cross(row, col)
+
+
+def order_series(headers: list[dict]) -> list[int]:
+    """Indices of a series' files in anatomical order: by ImagePositionPatient along the slice normal.
+
+    Falls back to InstanceNumber when positions are missing (file names are never used).
+    """
+    if all(h.get("ipp") and h.get("iop") for h in headers):
+        n = _normal(headers[0]["iop"])
+        keys = [float(np.dot(n, h["ipp"])) for h in headers]
+    else:
+        keys = [h.get("instance", 0) for h in headers]
+    return sorted(range(len(headers)), key=lambda i: (keys[i], i))
+
+
+def read_dicom_series(paths: list[Path]) -> tuple[ImageData, list[tuple[str, str]]]:
+    """A series as one volume in slice order, plus (path, reason) for every file that failed.
+
+    Raises ReadError only if no file of the series could be used.
+    """
+    slices, headers, errors = [], [], []
+    kind = meta = None
+    group = None
+    for p in paths:
+        try:
+            ds = _dcmread(p)
+            arr, k, m = _to_image(ds, p)
+            if slices and arr.shape[1:] != slices[0].shape[1:]:
+                raise ReadError(f"slice shape {arr.shape[1:3]} differs from the series' {slices[0].shape[1:3]}", p)
+        except ReadError as e:
+            errors.append((str(p), e.message))
+            continue
+        if kind is None:
+            kind, meta, group = k, m, _group_key(ds, p)
+            meta["spacing"] = _spacing(ds)
+        slices.append(arr)
+        headers.append({"ipp": _floats(ds.get("ImagePositionPatient"), 3), "iop": _floats(ds.get("ImageOrientationPatient"), 6),
+                        "instance": int(ds.get("InstanceNumber") or 0)})
+    if not slices:
+        raise ReadError("no readable file in the series", paths[0] if paths else None)
+    order = order_series(headers)
+    vol = np.concatenate([slices[i] for i in order], axis=0)
+    hs = [headers[i] for i in order]
+    affine = _series_affine(hs, meta.get("spacing"))
+    if affine is not None:
+        import nibabel as nib
+
+        meta["orientation"] = "".join(nib.aff2axcodes(affine))
+        if len(hs) > 1:
+            meta["spacing"] = list(meta["spacing"][:2]) + [float(np.linalg.norm(affine[:3, 2]))]
+    meta["original_shape"] = list(vol.shape[:3])
+    return ImageData(vol, kind, meta, affine=affine, group=group), errors
+
+
+def _series_affine(headers: list[dict], spacing: list[float] | None) -> np.ndarray | None:
+    """(row, col, slice) index -> RAS+ mm, built from ImagePositionPatient/Orientation (DICOM is LPS)."""
+    h0 = headers[0]
+    if not (h0.get("ipp") and h0.get("iop") and spacing):
+        return None
+    row_cos, col_cos = np.asarray(h0["iop"][:3]), np.asarray(h0["iop"][3:])
+    dr, dc = spacing[0], spacing[1]
+    if len(headers) > 1 and headers[-1].get("ipp"):
+        step = (np.asarray(headers[-1]["ipp"]) - np.asarray(h0["ipp"])) / (len(headers) - 1)
+    else:
+        step = _normal(h0["iop"])
+    lps = np.eye(4)
+    lps[:3, 0] = col_cos * dr  # moving down a row follows the column direction cosine
+    lps[:3, 1] = row_cos * dc  # moving along a row follows the row direction cosine
+    lps[:3, 2] = step
+    lps[:3, 3] = h0["ipp"]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def dicomdir_files(path: Path) -> list[Path]:
+    """The image files a DICOMDIR file-set references (paths resolved next to the DICOMDIR)."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    try:
+        fs = FileSet(pydicom.dcmread(path))
+    except Exception as e:
+        raise ReadError(f"unreadable DICOMDIR ({_short(e)})", path) from None
+    out = []
+    for inst in fs:
+        if getattr(inst, "path", None):
+            out.append(Path(inst.path))
+    return out

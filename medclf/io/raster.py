@@ -1,0 +1,38 @@
+"""PNG, JPEG and TIFF images (ISIC and CheXpert ship JPEGs), read with Pillow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medclf.errors import ReadError
+from medclf.io.image import ImageData
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def is_raster(path: Path) -> bool:
+    return path.suffix.lower() in RASTER_SUFFIXES
+
+
+def read_raster(path: Path) -> ImageData:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+                kind = "rgb"
+            else:  # L, I, I;16, F, 1
+                arr = np.asarray(im, dtype=np.float32)[..., None]
+                kind = "mono"
+    except FileNotFoundError:
+        raise ReadError("file not found", path) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ReadError(f"not a readable image ({' '.join(str(e).split())[:120]})", path) from None
+    # 8-bit greyscale photographs/radiographs already display as stored; keep the full range.
+    meta = {"modality": "XC" if kind == "rgb" else "unknown", "mode": mode, "original_shape": [1, *arr.shape[:2]]}
+    return ImageData(arr[None], kind, meta)
