@@ -8,6 +8,10 @@ import sys
 import typer
 
 from medclf import __version__
+from medclf.cli import classify as _classify
+from medclf.cli import evaluate as _evaluate
+from medclf.cli import explain as _explain
+from medclf.cli import finetune as _finetune
 from medclf.cli import ingest as _ingest
 from medclf.cli._common import state
 
@@ -35,6 +39,10 @@ def _root(
 
 
 app.command("ingest", no_args_is_help=True)(_ingest.ingest_cmd)
+app.command("finetune", no_args_is_help=True)(_finetune.finetune_cmd)
+app.command("classify", no_args_is_help=True)(_classify.classify_cmd)
+app.command("eval")(_evaluate.eval_cmd)
+app.command("explain", no_args_is_help=True)(_explain.explain_cmd)
 
 
 def main() -> None:

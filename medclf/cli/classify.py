@@ -1,0 +1,73 @@
+"""``medclf classify``: one line per input (per slice for volumes); bad inputs reported, the rest go on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from medclf.cli._common import err, out
+from medclf.errors import ExitCode
+
+
+def classify_cmd(
+    inputs: Annotated[list[str], typer.Argument(help="DICOM files, DICOM series folders, NIfTI, PNG/JPEG, or a .txt "
+                                                      "list of paths ('-' reads paths from stdin).", show_default=False)],
+    model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
+    budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
+    adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--full", help="Adaptive budget (default) or full.")] = None,
+    decision: Annotated[Optional[str], typer.Option(help="vote | mean.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+) -> None:
+    """Classify scans with a trained run, applying the run's recorded preprocessing.
+
+    Exit status 0 if every input was classified, 3 if some failed (each printed on stderr), 1 on a
+    bad model or argument.
+    """
+    from medclf.errors import MedclfError
+    from medclf.inference import expand_inputs, load_scorer, rows, score_inputs
+
+    if decision not in (None, "vote", "mean"):
+        raise MedclfError(f"unknown --decision {decision!r} (vote, mean)")
+    run, scorer, pre = load_scorer(model, device, trials=budget, adaptive=adaptive, decision=decision)
+    classes = run.classes
+    failed = 0
+    writer = None
+    table_rows = []
+    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=batch_size):
+        if isinstance(res, MedclfError):
+            failed += 1
+            if as_json:
+                print(json.dumps({"input": res.path, "error": res.message}), flush=True)
+            err.print(f"error: {res.path}: {res.message}", highlight=False, soft_wrap=True)
+            continue
+        for r in rows(res, classes):
+            if as_json:
+                print(json.dumps(r), flush=True)
+            elif as_csv:
+                if writer is None:
+                    writer = csv.writer(sys.stdout)
+                    writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"], "nfe"])
+                writer.writerow([r["input"], r.get("slice", ""), r["prediction"], *r["probabilities"].values(),
+                                 *r["uncertainty"].values(), r["nfe"]])
+                sys.stdout.flush()
+            else:
+                table_rows.append(r)
+    if table_rows:
+        from rich.table import Table
+
+        t = Table()
+        for col in ["input", "slice", "prediction", *classes, "uncertainty", "NFE"]:
+            t.add_column(col, overflow="fold")
+        for r in table_rows:
+            t.add_row(r["input"], str(r.get("slice", "")), r["prediction"], *[f"{v:.3f}" for v in r["probabilities"].values()],
+                      f"{r['uncertainty']['vote_entropy']:.3f}" if "vote_entropy" in r["uncertainty"] else "", str(r["nfe"]))
+        out.print(t)
+    if failed:
+        raise typer.Exit(int(ExitCode.PARTIAL))

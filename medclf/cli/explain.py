@@ -1,0 +1,61 @@
+"""``medclf explain``: uncertainty and explanation maps (NIfTI on the source grid + PNG overlays)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medclf.cli._common import err, out
+from medclf.errors import ExitCode
+
+
+def _name(src: str, used: set[str]) -> str:
+    p = Path(src)
+    stem = p.name[:-7] if p.name.endswith(".nii.gz") else p.stem if p.is_file() else p.name
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "input"
+    name, k = base, 1
+    while name in used:
+        k += 1
+        name = f"{base}-{k}"
+    used.add(name)
+    return name
+
+
+def explain_cmd(
+    inputs: Annotated[list[str], typer.Argument(help="Scans as for `classify`.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for one sub-folder per input.")],
+    model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
+    budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print each summary as a JSON line.")] = False,
+) -> None:
+    """Per input: evidence map (runner-up minus predicted-class denoising error), per-class error
+    maps and uncertainty as NIfTI aligned to the source geometry, a PNG overlay, counterfactuals
+    per class, and summary.json. Exit 3 if some inputs failed."""
+    from medclf.errors import MedclfError
+    from medclf.export import write_explanation
+    from medclf.inference import expand_inputs, load_scorer, score_inputs
+
+    run, scorer, pre = load_scorer(model, device, trials=budget, adaptive=False)
+    used: set[str] = set()
+    failed = 0
+    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=8, explain=True):
+        if isinstance(res, MedclfError):
+            failed += 1
+            err.print(f"error: {res.path}: {res.message}", highlight=False, soft_wrap=True)
+            continue
+        p = res.prediction
+        maps = {k: v.numpy() for k, v in p.maps.items()}
+        summary = write_explanation(out_dir, _name(res.source, used), Path(res.source), res.image, res.scan, maps,
+                                    p.probs.numpy(), p.pred.numpy(), {k: v.numpy() for k, v in p.uncertainty.items()},
+                                    run.classes)
+        if as_json:
+            print(json.dumps(summary, default=str), flush=True)
+        else:
+            out.print(f"{res.source}: {summary.get('prediction', '')} -> {out_dir}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(int(ExitCode.PARTIAL))

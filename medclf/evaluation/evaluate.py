@@ -1,0 +1,71 @@
+"""``eval``: a run scored on a cache split (or a raw dataset ingested with the run's preprocessing)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medclf.data.cache import CacheInfo, open_cache
+from medclf.errors import MedclfError
+
+
+def data_root(dataset: str, data: str | Path | None) -> Path:
+    """--data, else $MEDCLF_DATA/NAME, else a clear error."""
+    if data:
+        return Path(data)
+    root = os.environ.get("MEDCLF_DATA")
+    if not root:
+        raise MedclfError(f"no data given: pass --data PATH (a cache or the {dataset} root) or set MEDCLF_DATA")
+    return Path(root) / dataset
+
+
+def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> CacheInfo:
+    """``path`` itself if it is a cache, else ingest it with the run's preprocessing into a cache
+    under ``$MEDCLF_CACHE`` (default ~/.cache/medclf) named by dataset + preprocessing, which the
+    ingest fingerprint makes a no-op the second time."""
+    if (path / "manifest.json").exists():
+        return open_cache(path)
+    if not path.exists():
+        raise MedclfError("data not found", path)
+    from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
+    from medclf.privacy import pseudonym
+
+    pre = PreprocessConfig.from_dict(run_config["preprocessing"])
+    base = Path(os.environ.get("MEDCLF_CACHE", Path.home() / ".cache" / "medclf"))
+    out = base / f"{dataset}-{pseudonym(str(path.resolve()), pre.fingerprint(), length=12)}"
+    res = ingest(IngestConfig(sources=[path], out=out, dataset=dataset, size=pre.size,
+                              windows=list(pre.windows), channels=pre.channels, intensity=pre.intensity,
+                              seed=run_config.get("split_seed", 0), workers=workers, overwrite=True))
+    return open_cache(res.cache)
+
+
+def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None) -> dict:
+    """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds."""
+    from medclf.data.dataset import CacheDataset
+
+    ds = CacheDataset(cache, split=split, labelled_only=True)
+    if len(ds) == 0:
+        raise MedclfError(f"split {split!r} has no labelled items", cache.path)
+    ys, probs, preds, nfe, ids = [], [], [], [], []
+    unc: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for s in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
+        p = scorer.predict(torch.stack([it["image"] for it in items]))
+        ys += [it["label"] for it in items]
+        ids += [it["id"] for it in items]
+        probs.append(p.probs.numpy())
+        preds.append(p.pred.numpy())
+        nfe.append(p.nfe.numpy())
+        for k, v in p.uncertainty.items():
+            unc.setdefault(k, []).append(v.numpy())
+        if progress:
+            progress(min(s + batch_size, len(ds)), len(ds))
+    return {"y": np.array(ys), "probs": np.concatenate(probs), "pred": np.concatenate(preds),
+            "uncertainty": {k: np.concatenate(v) for k, v in unc.items()}, "nfe": np.concatenate(nfe), "ids": ids,
+            "seconds": time.perf_counter() - t0}

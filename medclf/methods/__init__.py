@@ -1,0 +1,14 @@
+"""Methods, one module each, registered by name (``--method``)."""
+
+from medclf.methods.base import METHODS, Method, register_method
+from medclf.methods import diffusion_classifier  # noqa: F401  (registers)
+
+__all__ = ["METHODS", "Method", "register_method", "get_method"]
+
+
+def get_method(name: str) -> type[Method]:
+    from medclf.errors import MedclfError
+
+    if name not in METHODS:
+        raise MedclfError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,114 @@
+"""``finetune``: a cache + a method -> a run directory (config, EMA weights, calibration, curve)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from medclf.data.cache import open_cache
+from medclf.errors import MedclfError
+from medclf.training.loop import ProgressFn, TrainConfig, distributed_env, resolve_device, train
+from medclf.training.run import CONFIG, WEIGHTS, load_run, save_tensors, write_config
+
+
+def _val_tensors(cache, max_items: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    from medclf.data.dataset import CacheDataset
+
+    ds = CacheDataset(cache, split="val", labelled_only=True)
+    n = min(len(ds), max_items)
+    if n == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+
+
+def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_options: dict, train_cfg: TrainConfig,
+             resume: bool = False, progress: ProgressFn | None = None, calibrate: bool = True) -> dict:
+    """Train ``method_name`` on the cache's train split; calibrate on its val split; write the run.
+
+    With ``resume`` the run's own recorded configuration is used (``--steps`` may extend it).
+    Returns a summary (run path, steps, final loss, calibration, DDP rank checksums).
+    """
+    from medclf.data.dataset import CacheDataset
+    from medclf.methods import get_method
+
+    out = Path(out)
+    cache = open_cache(cache_path)
+    if not cache.classes:
+        raise MedclfError("this cache has no single-label classes to train on (multi-label/unlabeled)", cache.path)
+    if resume:
+        cfg_path = out / CONFIG
+        if not cfg_path.exists():
+            raise MedclfError("nothing to resume: no config.json", out)
+        saved = json.loads(cfg_path.read_text())
+        if saved["cache_fingerprint"] != cache.fingerprint:
+            raise MedclfError(f"this run was trained on cache {saved['cache_fingerprint']}, not {cache.fingerprint}", out)
+        method_name, method_options = saved["method"], saved["method_config"]
+        steps = train_cfg.steps
+        train_cfg = TrainConfig(**{**saved["train"], "steps": max(steps, saved["train"]["steps"]),
+                                   "device": train_cfg.device, "num_workers": train_cfg.num_workers})
+    method = get_method(method_name).from_options(method_options)
+    rank, world, _ = distributed_env()
+    train_ds = CacheDataset(cache, split="train", labelled_only=True)
+    if len(train_ds) == 0:
+        raise MedclfError("the cache's train split has no labelled items", cache.path)
+    C, H, W = cache.shape
+    torch.manual_seed(train_cfg.seed)
+    model = method.build(C, len(cache.classes), H)
+    base_config = {
+        "method": method.name,
+        "method_config": method.config_dict(),
+        "train": asdict(train_cfg),
+        "cache": str(cache.path),
+        "cache_fingerprint": cache.fingerprint,
+        "classes": cache.classes,
+        "shape": [C, H, W],
+        "preprocessing": cache.manifest["preprocessing"],
+        "dataset": cache.manifest["dataset"],
+        "split_seed": cache.manifest.get("seed", 0),
+        "n_train": len(train_ds),
+        "seed": train_cfg.seed,
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / WEIGHTS).exists():
+            raise MedclfError("already holds a trained model; choose a new --out (or --resume to train longer)", out)
+        write_config(out, base_config)
+    result = train(model, method.loss_fn(len(cache.classes)), train_ds, train_cfg, out, resume=resume, progress=progress)
+    summary = {"run": str(out), "steps": train_cfg.steps, "rank": result["rank"], "world_size": result["world_size"],
+               "rank_checksums": result.get("rank_checksums")}
+    if rank != 0:
+        return summary
+    ema = result["ema"]
+    save_tensors(out / WEIGHTS, ema, metadata={"method": method.name})
+    calibration: dict = {}
+    if calibrate:
+        device = resolve_device(train_cfg.device)
+        model.load_state_dict(ema)
+        images, labels = _val_tensors(cache)
+        if len(labels) >= 2:
+            calibration = method.calibrate(model, cache.classes, images, labels, device)
+    write_config(out, {**base_config, "calibration": calibration, "world_size": result["world_size"],
+                       "rank_checksums": result.get("rank_checksums")})
+    summary["calibration"] = calibration
+    load_run(out)  # the run we just wrote must load
+    return summary
+
+
+def load_model(run_path: str | Path, device: torch.device | None = None):
+    """(run, method, model on device) for a finished run; weights via safetensors only."""
+    from medclf.methods import get_method
+
+    run = load_run(run_path)
+    method = get_method(run.method).from_options(run.config["method_config"])
+    C, H, _ = run.config["shape"]
+    model = method.build(C, len(run.classes), H)
+    try:
+        model.load_state_dict(run.weights())
+    except RuntimeError as e:
+        raise MedclfError(f"weights do not fit the recorded model ({' '.join(str(e).split())[:120]})", run.path) from None
+    device = device or torch.device("cpu")
+    return run, method, model.to(device).eval()

@@ -1,0 +1,231 @@
+"""The one training loop every method uses.
+
+Seeded and stateless per step (each step's randomness comes from a generator seeded by
+(seed, rank, step), each epoch's order from DistributedSampler(seed, epoch)), so ``--resume``
+continues bit-for-bit on CPU from model + EMA + optimizer state alone. AMP on CUDA, EMA (timm's
+``ModelEmaV3``), gradient clipping, cosine LR with linear warm-up, atomic safetensors checkpoints,
+``metrics.jsonl``; runs unchanged under ``torchrun`` (DDP, rank-0-only writes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from medclf.errors import MedclfError
+from medclf.training.run import (CHECKPOINTS, METRICS, checkpoint_dirs, commit_checkpoint, load_tensors, save_tensors)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  #: optimiser steps in total
+    batch_size: int = 32  #: per process
+    lr: float = 1e-4  #: peak learning rate (Favero et al.: Adam 1e-4)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  #: linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  #: max global grad norm (0: off)
+    ema_decay: float = 0.999  #: EMA of weights used for inference
+    checkpoint_every: int = 500  #: steps between resumable checkpoints
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  #: auto | cpu | cuda
+    amp: str = "auto"  #: auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+    num_workers: int = 0  #: DataLoader workers
+
+
+LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
+ProgressFn = Callable[[dict], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedclfError("--device cuda asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise MedclfError(f"unknown --device {name!r} (auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "labels": torch.stack([it["labels"] for it in items]),
+    }
+
+
+def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig, run_dir: Path, resume: bool = False,
+          progress: ProgressFn | None = None) -> dict:
+    """Train ``model`` in place; return the EMA weights (a state dict) and write checkpoints to ``run_dir``.
+
+    ``loss_fn(model, batch, generator)`` is the method's objective; every random draw inside it
+    must use ``generator`` so the run is reproducible and resumable.
+    """
+    from timm.utils import ModelEmaV3
+
+    rank, world, local_rank = distributed_env()
+    device = resolve_device(cfg.device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if len(dataset) < cfg.batch_size:
+        raise MedclfError(f"only {len(dataset)} training items, fewer than --batch-size {cfg.batch_size}")
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp_dtype = _amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    start = 0
+    run_dir = Path(run_dir)
+    if resume:
+        ckpts = checkpoint_dirs(run_dir)
+        if not ckpts:
+            raise MedclfError("nothing to resume: no checkpoint in this run", run_dir)
+        last = ckpts[-1]
+        state = json.loads((last / "state.json").read_text())
+        model.load_state_dict(load_tensors(last / "model.safetensors"))
+        ema.module.load_state_dict(load_tensors(last / "ema.safetensors"))
+        _load_optimizer(opt, load_tensors(last / "optimizer.safetensors"), state["param_groups"])
+        start = int(state["step"])
+    elif checkpoint_dirs(run_dir):
+        raise MedclfError("this run already has checkpoints: pass --resume to continue it, or choose a new --out", run_dir)
+    if rank == 0:
+        _truncate_metrics(run_dir / METRICS, start)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // cfg.batch_size
+    if per_epoch == 0:
+        raise MedclfError(f"batch size {cfg.batch_size} x {world} process(es) exceeds the training set ({len(dataset)})")
+    step = start
+    t_last, n_last = time.perf_counter(), 0
+    model.train()
+    while step < cfg.steps:
+        epoch, skip = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip * cfg.batch_size : per_epoch * cfg.batch_size]
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.num_workers,
+                            collate_fn=_collate, drop_last=True, pin_memory=device.type == "cuda")
+        for batch in loader:
+            if step >= cfg.steps:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(net, batch, gen)
+            if not torch.isfinite(loss):
+                raise MedclfError(f"loss became {loss.item()} at step {step}: lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            ema.update(model)
+            step += 1
+            n_last += cfg.batch_size * world
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                now = time.perf_counter()
+                rec = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+                       "samples_per_s": n_last / max(now - t_last, 1e-9)}
+                t_last, n_last = now, 0
+                with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if progress:
+                    progress(rec)
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                _save_checkpoint(run_dir, step, model, ema.module, opt, cfg)
+    result = {"ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}, "world_size": world}
+    if world > 1:
+        # Both ranks must hold identical weights after DDP: compare a checksum across processes.
+        s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().to(device)
+        all_s = [torch.zeros_like(s) for _ in range(world)]
+        dist.all_gather(all_s, s)
+        result["rank_checksums"] = [float(x) for x in all_s]
+        dist.barrier()
+    result["rank"] = rank
+    return result
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop curve points past the resumed step, so a resumed run's curve matches an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, opt, cfg: TrainConfig) -> None:
+    final = run_dir / CHECKPOINTS / f"step-{step:07d}"
+    tmp = run_dir / CHECKPOINTS / f".tmp-step-{step:07d}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_tensors(tmp / "model.safetensors", model.state_dict())
+    save_tensors(tmp / "ema.safetensors", ema.state_dict())
+    tensors, groups = _optimizer_tensors(opt)
+    save_tensors(tmp / "optimizer.safetensors", tensors)
+    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, "train": asdict(cfg)}))
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    commit_checkpoint(tmp, final)
