@@ -11,7 +11,8 @@ import typer
 from medclf.cli._common import err, is_tty, out
 from medclf.errors import ExitCode
 
-DATASET_CHOICES = ["auto", "folder", "csv", "rsna-ich", "chexpert", "isic", "ham10000", "medmnist"]
+DATASET_CHOICES = ["auto", "folder", "csv", "rsna-ich", "chexpert", "isic", "ham10000", "medmnist",
+                   "chexpert-effusion", "isic-melanoma"]
 
 
 def ingest_cmd(

@@ -335,7 +335,8 @@ def _finalize(out: Path, plan: Plan, cfg: IngestConfig, pre: PreprocessConfig, f
     # Seeded, group-aware split for items without an official one (stratified by primary label).
     free = [it for it in items if it["split"] is None]
     if free:
-        assign = group_split([it["group"] for it in free], [-1 if it["label"] is None else it["label"] for it in free], cfg.seed)
+        assign = group_split([it["group"] for it in free], [-1 if it["label"] is None else it["label"] for it in free], cfg.seed,
+                             plan.split_fractions)
         for it in free:
             it["split"] = assign[it["group"]]
     names = plan.classes
@@ -366,7 +367,8 @@ def _finalize(out: Path, plan: Plan, cfg: IngestConfig, pre: PreprocessConfig, f
         "counts": counts,
         "shards": shard_info,
         "notes": plan.notes,
-        "split_policy": "official where shipped; else seeded 70/15/15 by patient/lesion group, stratified by label",
+        "split_policy": "official where shipped; else seeded by patient/lesion group, stratified by label",
+        "split_fractions": list(plan.split_fractions),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     # Per-shard records only go once the manifest (the completeness mark) is in place.

@@ -41,6 +41,7 @@ class Plan:
     inputs: list[Path] = field(default_factory=list)  #: files whose size/mtime identify the input
     errors: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason) found while planning
     notes: list[str] = field(default_factory=list)  #: facts worth telling the user (duplicates dropped...)
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  #: train/val/test for seeded splits
 
 
 @dataclass

@@ -346,3 +346,82 @@ class MedMnist(Adapter):
         else:
             plan.classes = [str(i) for i in range(n_classes)]
         return plan
+
+
+# ------------------------------------------------------------------- Favero et al.'s binary tasks
+def _balance(units: list[Unit], seed: int) -> list[Unit]:
+    """Downsample the larger class (seeded) so both classes have equally many units."""
+    import random
+
+    by = {0: [u for u in units if u.label == 0], 1: [u for u in units if u.label == 1]}
+    n = min(len(by[0]), len(by[1]))
+    rng = random.Random(seed)
+    keep = {id(u) for c in (0, 1) for u in rng.sample(by[c], n)}
+    return [u for u in units if id(u) in keep]
+
+
+@register_dataset
+class ChexpertEffusion(CheXpert):
+    """Favero et al.'s CheXpert task: first-study frontal views, Pleural Effusion (1) vs No Finding
+    (1, effusion not positive), balanced, split 80/10/10 by patient from the official train.csv."""
+
+    name = "chexpert-effusion"
+
+    @staticmethod
+    def detect(root: Path) -> bool:
+        return False  # a preset: asked for by name only
+
+    def plan(self, sources: list[Path], opts: AdapterOptions, mapper: Mapper) -> Plan:
+        base = super().plan(sources, opts, mapper)
+        eff, nof = CHEXPERT_OBSERVATIONS.index("Pleural Effusion"), CHEXPERT_OBSERVATIONS.index("No Finding")
+        units = []
+        for u in base.units:
+            a = u.extra.get("attrs", {})
+            if u.split == "test" or a.get("view") != "Frontal" or a.get("study") != 1:
+                continue
+            if u.labels[eff] == 1.0:
+                u.label = 1
+            elif u.labels[nof] == 1.0:
+                u.label = 0
+            else:
+                continue
+            u.labels = None
+            units.append(u)
+        plan = Plan(dataset=self.name, units=_balance(units, opts.seed), classes=["no_finding", "pleural_effusion"],
+                    channels=1, options={"uncertain": opts.uncertain, "preset": "favero2025"}, inputs=base.inputs,
+                    errors=base.errors, notes=base.notes + [f"balanced to {len(_balance(units, opts.seed))} of {len(units)} eligible images"],
+                    split_fractions=(0.8, 0.1, 0.1))
+        return plan
+
+
+@register_dataset
+class IsicMelanoma(Isic):
+    """Favero et al.'s ISIC task: melanoma vs benign (2019: MEL vs NV/BKL/DF/VASC; 2020: target),
+    balanced, split 80/10/10 by lesion/patient."""
+
+    name = "isic-melanoma"
+    BENIGN_2019 = ("NV", "BKL", "DF", "VASC")
+
+    @staticmethod
+    def detect(root: Path) -> bool:
+        return False
+
+    def plan(self, sources: list[Path], opts: AdapterOptions, mapper: Mapper) -> Plan:
+        base = super().plan(sources, opts, mapper)
+        units = []
+        for u in base.units:
+            name = base.classes[u.label]
+            if base.options.get("version") == 2020:
+                pass  # already benign (0) / melanoma (1)
+            elif name == "MEL":
+                u.label = 1
+            elif name in self.BENIGN_2019:
+                u.label = 0
+            else:
+                continue
+            units.append(u)
+        kept = _balance(units, opts.seed)
+        return Plan(dataset=self.name, units=kept, classes=["benign", "melanoma"], channels=3,
+                    options={**base.options, "preset": "favero2025"}, inputs=base.inputs, errors=base.errors,
+                    notes=base.notes + [f"balanced to {len(kept)} of {len(units)} eligible images"],
+                    split_fractions=(0.8, 0.1, 0.1))

@@ -13,14 +13,18 @@ from medclf.data.cache import CacheInfo, open_cache
 from medclf.errors import MedclfError
 
 
+#: presets read the folder of the dataset they are cut from
+_PRESET_ROOTS = {"chexpert-effusion": "chexpert", "isic-melanoma": "isic"}
+
+
 def data_root(dataset: str, data: str | Path | None) -> Path:
-    """--data, else $MEDCLF_DATA/NAME, else a clear error."""
+    """--data, else $MEDCLF_DATA/NAME (a preset's base dataset name), else a clear error."""
     if data:
         return Path(data)
     root = os.environ.get("MEDCLF_DATA")
     if not root:
         raise MedclfError(f"no data given: pass --data PATH (a cache or the {dataset} root) or set MEDCLF_DATA")
-    return Path(root) / dataset
+    return Path(root) / _PRESET_ROOTS.get(dataset, dataset)
 
 
 def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> CacheInfo:

@@ -38,8 +38,8 @@ class DiffusionClassifierConfig:
     trials: int = 64
     decision: str = "vote"
     adaptive: bool = True
-    prune_z: float = 3.0
-    chunk: int = 256
+    prune_z: float = 2.0
+    chunk: int = 64
 
 
 class ClassConditionalDenoiser(nn.Module):
