@@ -53,3 +53,13 @@ def trained_run(ct32_cache, tmp_path_factory) -> Path:
              TrainConfig(steps=800, batch_size=32, lr=1e-3, warmup_steps=50, checkpoint_every=800, log_every=100,
                          seed=0, ema_decay=0.99))
     return out
+
+
+@pytest.fixture(scope="session")
+def rsna_cache(tmp_path_factory) -> Path:
+    """sample_data/rsna at 16 px, default windows (3 channels)."""
+    from medclf.data.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("rsna") / "cache"
+    ingest(IngestConfig(sources=[SAMPLE / "rsna"], out=out, size=16, workers=1))
+    return out

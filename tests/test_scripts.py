@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -11,52 +10,17 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from _trees import make_chexpert_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
-OBS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-       "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
-       "Support Devices"]
 
 
 def _env() -> dict:
     bindir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "MEDCLF": str(Path(bindir) / "medclf"),
             "OMP_NUM_THREADS": "1"}
-
-
-def make_chexpert_tree(root: Path, n_patients: int = 24) -> Path:
-    """CheXpert-v1.0-small as shipped (train.csv + valid.csv + JPEGs), with phantom images whose
-    'effusion' is a bright blob: first-study frontal views plus lateral and second-study distractors."""
-    from medclf.synthetic import head_phantom_slice
-
-    rng = np.random.default_rng(0)
-    base = root / "CheXpert-v1.0-small"
-    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *OBS]
-    rows = []
-    for i in range(n_patients):
-        effusion = i % 2 == 0
-        for study, view in ((1, "frontal"), (1, "lateral"), (2, "frontal")):
-            rel = f"CheXpert-v1.0-small/train/patient{i + 1:05d}/study{study}/view1_{view}.jpg"
-            hu = head_phantom_slice(rng, size=64, bleed="intraparenchymal" if effusion else None)
-            img = (np.clip((hu + 40) / 160, 0, 1) * 255).astype(np.uint8)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / rel, quality=95)
-            vals = {o: "" for o in OBS}
-            vals["Pleural Effusion" if effusion else "No Finding"] = "1.0"
-            if i % 5 == 1:
-                vals["Edema"] = "-1.0"
-            rows.append([rel, "Female", "60", "Frontal" if view == "frontal" else "Lateral", "PA" if view == "frontal" else "",
-                         *vals.values()])
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base / "train.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    with open(base / "valid.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows[:3]])
-    return root
 
 
 @pytest.mark.slow

@@ -134,7 +134,7 @@ class CheXpert(Adapter):
         if opts.uncertain not in ("ones", "zeros", "ignore", "mixed"):
             raise MedclfError(f"unknown --uncertain policy {opts.uncertain!r} (ones, zeros, ignore, mixed)")
         plan = Plan(dataset=self.name, units=[], label_names=list(CHEXPERT_OBSERVATIONS), channels=1,
-                    options={"uncertain": opts.uncertain})
+                    options={"uncertain": opts.uncertain}, split_fractions=(0.85, 0.15, 0.0))
         found_any = False
         for name, split in (("train.csv", None), ("valid.csv", "test")):
             csv_path = find(root, [name], depth=1)

@@ -29,7 +29,8 @@ def group_split(groups: list[str], strata: list[int], seed: int, fractions=DEFAU
         n_test = round(n * fractions[2])
         n_val = round(n * fractions[1])
         if n >= 3:  # at least one group per split when the stratum can afford it
-            n_test, n_val = max(n_test, 1), max(n_val, 1)
+            n_test = max(n_test, 1) if fractions[2] > 0 else 0
+            n_val = max(n_val, 1) if fractions[1] > 0 else 0
         for i, g in enumerate(gs):
             out[g] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return out

@@ -72,7 +72,7 @@ def classification_metrics(y_true, probs, class_names: list[str], n_bootstrap: i
         "auroc_macro": macro_auc,
         "ece": ece,
         "brier": float(((p - onehot) ** 2).sum(1).mean()),
-        "nll": float(log_loss(y, np.clip(p, 1e-12, 1), labels=list(range(K)))),
+        "nll": float(log_loss(y, np.clip(p, 1e-12, 1) / np.clip(p, 1e-12, 1).sum(1, keepdims=True), labels=list(range(K)))),
         "confusion_matrix": confusion_matrix(y, yhat, labels=list(range(K))).tolist(),
         "per_class": {class_names[k]: {"precision": float(prec[k]), "recall": float(rec[k]), "f1": float(f1[k]),
                                        "support": int(sup[k])} for k in range(K)},
