@@ -246,7 +246,8 @@ def test_cache_dataset_and_dataloader(rsna_cache):
     ds = CacheDataset(rsna_cache, split="train")
     assert len(ds) == sum(it["split"] == "train" for it in open_cache(rsna_cache).items)
     item = ds[0]
-    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float16  # as stored
+    assert CacheDataset(rsna_cache, split="train", dtype=torch.float32)[0]["image"].dtype == torch.float32
     assert 0 <= item["image"].min() and item["image"].max() <= 1 and item["label"] in (0, 1)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
     n = sum(len(b["image"]) for b in loader)

@@ -41,8 +41,14 @@ def test_lr_schedule_warms_up_then_decays():
 def test_resume_is_bit_for_bit(tiny_cache, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     finetune(tiny_cache, "diffusion-classifier", full, TINY, _cfg(12), calibrate=False)
-    finetune(tiny_cache, "diffusion-classifier", part, TINY, _cfg(5), calibrate=False)
-    assert (part / "checkpoints" / "step-0000005").is_dir()
+
+    def crash(rec):  # the job dies at step 7, after the step-5 checkpoint
+        if rec["step"] == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_cache, "diffusion-classifier", part, TINY, _cfg(12), progress=crash, calibrate=False)
+    assert (part / "checkpoints" / "step-0000005").is_dir() and not (part / "model.safetensors").exists()
     finetune(tiny_cache, "diffusion-classifier", part, TINY, _cfg(12), resume=True, calibrate=False)
     assert _curve(full) == _curve(part)
     a, b = load_tensors(full / "model.safetensors"), load_tensors(part / "model.safetensors")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -16,13 +15,15 @@ from medclf.data.cache import CacheInfo, open_cache
 class CacheDataset(Dataset):
     """Items of one cache (optionally one split), as ``{"image", "label", "labels", "index", "id"}``.
 
-    ``image`` is float32 (C, H, W) in [0, 1]; ``label`` is the primary class index or -1 when the
+    ``image`` is (C, H, W) in [0, 1], float16 as stored (so reading is a copy, not a conversion: cast
+    on the device, as the training loop does) unless ``dtype`` asks for another; ``label`` is the
+    primary class index or -1 when the
     item has none; ``labels`` is the multi-label vector with NaN where a target is missing/ignored.
     Shards are memory-mapped lazily in each process (a memmap must not be pickled into workers).
     """
 
     def __init__(self, cache: str | Path | CacheInfo, split: str | None = None, transform: Callable | None = None,
-                 labelled_only: bool = False):
+                 labelled_only: bool = False, dtype: torch.dtype = torch.float16):
         self.info = cache if isinstance(cache, CacheInfo) else open_cache(cache)
         items = self.info.items
         if split is not None:
@@ -31,7 +32,11 @@ class CacheDataset(Dataset):
             items = [it for it in items if it.get("label") is not None]
         self.items = items
         self.transform = transform
+        self.dtype = dtype
         self._maps: dict[int, np.memmap] = {}
+        # plain tuples for the hot path: no dict look-ups per item
+        self._index = [(it["shard"], it["offset"], -1 if it.get("label") is None else int(it["label"]), it["id"])
+                       for it in items]
         n_labels = len(self.info.label_names)
         self._labels = np.full((len(items), max(n_labels, 1)), np.nan, dtype=np.float32)
         for i, it in enumerate(items):
@@ -63,15 +68,13 @@ class CacheDataset(Dataset):
         return state
 
     def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        image = torch.from_numpy(np.asarray(self._shard(it["shard"])[it["offset"]], dtype=np.float32))
+        shard, offset, label, item_id = self._index[i]
+        m = self._maps.get(shard)
+        if m is None:
+            m = self._shard(shard)
+        image = torch.from_numpy(np.array(m[offset]))
+        if self.dtype != torch.float16:
+            image = image.to(self.dtype)
         if self.transform is not None:
             image = self.transform(image)
-        label = it.get("label")
-        return {
-            "image": image,
-            "label": -1 if label is None or (isinstance(label, float) and math.isnan(label)) else int(label),
-            "labels": torch.from_numpy(self._labels[i]),
-            "index": i,
-            "id": it["id"],
-        }
+        return {"image": image, "label": label, "labels": torch.from_numpy(self._labels[i]), "index": i, "id": item_id}

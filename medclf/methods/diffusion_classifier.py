@@ -123,6 +123,6 @@ class DiffusionClassifier(Method):
         """Temperature for softmax(-mean error / T), fitted on the validation split (raw errors give
         near-uniform probabilities: diffusion-classifier issues #11/#23)."""
         scorer = self.scorer(model, classes, {}, device)
-        scores = torch.cat([scorer.mean_error_scores(images[i : i + 32].to(device) * 2 - 1).cpu()
+        scores = torch.cat([scorer.mean_error_scores(images[i : i + 32].to(device).float() * 2 - 1).cpu()
                             for i in range(0, len(images), 32)])
         return {"temperature": fit_temperature(scores, labels), "fitted_on": int(len(labels))}

@@ -160,7 +160,9 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
         for batch in loader:
             if step >= cfg.steps:
                 break
+            # images travel as stored (float16) and are cast on the device
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch["image"] = batch["image"].float()
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
