@@ -5,6 +5,7 @@
 Without --model it ingests sample_data/rsna at 32 px (brain window) and trains the demo's tiny
 MONAI-UNet diffusion classifier for --steps (CPU, ~3 min), so the whole comparison is measured in
 one run on one machine. Rows:
+All rows decide by majority vote (Favero et al.), the rule the naive loop implements.
   full      every class scored on every trial, all (image, trial, class) evaluations batched
   adaptive  trials spent in stages, decided classes pruned per image (same trial bank)
   naive     reference: one network call per (image, trial, class), same bank and budget as full,
@@ -86,13 +87,13 @@ def main() -> None:
     y = np.array([ds[i]["label"] for i in range(len(ds))])
     rows = []
     for name, adaptive in (("full", False), ("adaptive", True)):
-        _, scorer, _ = load_scorer(model, "cpu", trials=args.trials, adaptive=adaptive)
+        _, scorer, _ = load_scorer(model, "cpu", trials=args.trials, adaptive=adaptive, decision="vote")
         scorer.predict(x[:2])  # warm-up
         t0 = time.perf_counter()
         p = scorer.predict(x)
         dt = time.perf_counter() - t0
         rows.append((name, float(p.nfe.float().mean()), float((p.pred.numpy() == y).mean()), dt))
-    _, scorer, _ = load_scorer(model, "cpu", trials=args.trials, adaptive=False)
+    _, scorer, _ = load_scorer(model, "cpu", trials=args.trials, adaptive=False, decision="vote")
     xs, ys = x[: args.naive_images], y[: args.naive_images]
     t0 = time.perf_counter()
     pred, nfe = naive_predict(scorer, xs)

@@ -109,6 +109,7 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
             "prediction": classes[int(p.pred[s])],
             "probabilities": {c: round(float(p.probs[s, k]), 6) for k, c in enumerate(classes)},
             "uncertainty": {k: round(float(v[s]), 6) for k, v in p.uncertainty.items()},
+            **{name: {c: round(float(v[s, k]), 6) for k, c in enumerate(classes)} for name, v in p.extras.items()},
             "nfe": int(p.nfe[s]),
         })
         out.append(row)

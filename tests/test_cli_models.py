@@ -147,6 +147,8 @@ def test_trained_classifier_beats_chance_on_held_out_slices(trained_run, ct32_ca
     run, scorer, _ = load_scorer(trained_run, "cpu", trials=32, adaptive=False)
     res = score_split(scorer, __import__("medclf.data", fromlist=["open_cache"]).open_cache(ct32_cache), "test")
     m = classification_metrics(res["y"], res["probs"], run.classes, n_bootstrap=200, pred=res["pred"])
-    # chance: balanced accuracy 0.5, AUROC 0.5 (the test split is ~20% haemorrhage)
-    assert m["balanced_accuracy"] >= 0.7, m
-    assert m["auroc_macro"] >= 0.8, m
+    # chance: balanced accuracy 0.5, AUROC 0.5; always answering "normal" scores the majority share
+    majority = max(np.mean(res["y"] == 0), np.mean(res["y"] == 1))
+    assert m["balanced_accuracy"] >= 0.75, m
+    assert m["accuracy"] > majority, (m, majority)
+    assert m["auroc_macro"] >= 0.85, m

@@ -33,8 +33,9 @@ def test_reproduce_quick(task, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((out / "report" / "metrics.json").read_text())
     assert 0 <= m["accuracy"] <= 1
-    assert len(list((out / "explain").glob("*/summary.json"))) == 4
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
+    n_test = sum(manifest["counts"]["test"].values())
+    assert len(list((out / "explain").glob("*/summary.json"))) == min(4, n_test) > 0
     counts = manifest["counts"]["train"]
     assert len(counts) == 2 and len(set(counts.values())) == 1  # balanced binary task
 

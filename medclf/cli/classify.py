@@ -21,7 +21,7 @@ def classify_cmd(
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
     budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
     adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--full", help="Adaptive budget (default) or full.")] = None,
-    decision: Annotated[Optional[str], typer.Option(help="vote | mean.")] = None,
+    decision: Annotated[Optional[str], typer.Option(help="posterior (calibrated, default) | vote (Favero) | mean (Li).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
 ) -> None:
@@ -33,8 +33,8 @@ def classify_cmd(
     from medclf.errors import MedclfError
     from medclf.inference import expand_inputs, load_scorer, rows, score_inputs
 
-    if decision not in (None, "vote", "mean"):
-        raise MedclfError(f"unknown --decision {decision!r} (vote, mean)")
+    if decision not in (None, "posterior", "vote", "mean"):
+        raise MedclfError(f"unknown --decision {decision!r} (posterior, vote, mean)")
     run, scorer, pre = load_scorer(model, device, trials=budget, adaptive=adaptive, decision=decision)
     classes = run.classes
     failed = 0

@@ -19,7 +19,7 @@ def eval_cmd(
     report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json and the PNG plots.")] = None,
     budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
     adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--full")] = None,
-    decision: Annotated[Optional[str], typer.Option(help="vote | mean.")] = None,
+    decision: Annotated[Optional[str], typer.Option(help="posterior (calibrated, default) | vote (Favero) | mean (Li).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
@@ -30,6 +30,8 @@ def eval_cmd(
     from medclf.evaluation.evaluate import cache_for, data_root, score_split
     from medclf.inference import load_scorer
 
+    if decision not in (None, "posterior", "vote", "mean"):
+        raise MedclfError(f"unknown --decision {decision!r} (posterior, vote, mean)")
     run, scorer, _ = load_scorer(model, device, trials=budget, adaptive=adaptive, decision=decision)
     cache = cache_for(run.config, dataset, data_root(dataset, data))
     if cache.classes != run.classes:

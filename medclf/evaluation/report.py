@@ -1,89 +1,177 @@
-"""Report folder: ``metrics.json`` and PNG plots (ROC, reliability diagram, confusion matrix)."""
+"""Report folder: ``metrics.json`` and small PNG plots (ROC, reliability diagram, confusion matrix).
+
+Every file is written atomically (temp file + rename), so a crashed or concurrent run never leaves a
+half-written ``metrics.json`` or PNG for a reader to trip over.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medclf.data.cache import atomic_write_text
+from medclf.errors import MedclfError
+from medclf.evaluation.metrics import binary_reliability, check_classification, check_multilabel, reliability
+from medclf.figures import pyplot, save_figure
+
+_DPI = 100
 
 
-def _savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem, suffix=".png")
-    os.close(fd)
+def _jsonable(obj):
+    """Plain JSON: numpy scalars/arrays -> Python, NaN/inf -> None (strict JSON has no NaN), Path -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_metrics_json(path: Path, metrics: dict) -> Path:
+    """``metrics`` as indented strict JSON, written atomically."""
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        text = json.dumps(_jsonable(metrics), indent=1, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise MedclfError(f"metrics are not JSON-serialisable: {e}", path) from None
+    atomic_write_text(Path(path), text + "\n")
+    return Path(path)
 
 
-def _plt():
-    import matplotlib
+def _figure(path: Path, figsize: tuple[float, float], draw: Callable) -> Path:
+    """Draw on a fresh figure and save it atomically; the figure is closed even if drawing fails."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        draw(ax)
+    except BaseException:
+        plt.close(fig)
+        raise
+    save_figure(fig, path, dpi=_DPI)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _roc_axes(ax, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
+    """One ROC curve per (name, positive mask, score); absent classes are named in the legend."""
+    from sklearn.metrics import auc, roc_curve
 
-
-def write_report(out_dir: Path, metrics: dict, y_true, probs, class_names: list[str], title: str = "") -> list[Path]:
-    from sklearn.metrics import roc_curve
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=float))
-    plt = _plt()
-    y, p = np.asarray(y_true).astype(int), np.asarray(probs)
-    written = [out_dir / "metrics.json"]
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for k, name in enumerate(class_names):
-        if len(class_names) == 2 and k == 0:
-            continue  # binary: one curve, for the positive class
-        pos = y == k
-        if 0 < pos.sum() < len(y):
-            fpr, tpr, _ = roc_curve(pos, p[:, k])
-            auc = metrics["auroc_per_class"].get(name)
-            ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+    for name, pos, score in curves:
+        if 0 < pos.sum() < len(pos):
+            fpr, tpr, _ = roc_curve(pos, score)
+            ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+        else:
+            ax.plot([], [], " ", label=f"{name} (AUC n/a: one class only)")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC {title}".strip())
-    ax.legend(loc="lower right", fontsize=8)
-    _savefig(fig, out_dir / "roc.png")
-    plt.close(fig)
-    written.append(out_dir / "roc.png")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+           title=f"ROC {title}".strip())
+    ax.legend(loc="lower right", fontsize=7)
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    bins = metrics.get("reliability", [])
+
+def _reliability_axes(ax, bins: list[dict], ece: float | None, xlabel: str, ylabel: str) -> None:
     if bins:
         centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
-        width = bins[0]["hi"] - bins[0]["lo"]
-        ax.bar(centres, [b["accuracy"] for b in bins], width=width * 0.9, alpha=0.7, label="accuracy")
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", ms=3, color="C1", label="bin mean")
+        widths = [(b["hi"] - b["lo"]) * 0.9 for b in bins]
+        acc = [b["accuracy"] for b in bins]
+        ax.bar(centres, acc, width=widths, alpha=0.6, edgecolor="C0", label=ylabel)
+        ax.plot([b["confidence"] for b in bins], acc, "o", ms=3, color="C1", label="bin mean confidence")
         for c, b in zip(centres, bins):
-            ax.annotate(str(b["count"]), (c, 0.02), ha="center", fontsize=6)
-    ax.plot([0, 1], [0, 1], "k:", lw=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"reliability, ECE {metrics.get('ece', float('nan')):.3f}")
-    ax.legend(loc="upper left", fontsize=8)
-    _savefig(fig, out_dir / "reliability.png")
-    plt.close(fig)
-    written.append(out_dir / "reliability.png")
+            ax.annotate(f"n={b['count']}", (c, 0.01), ha="center", va="bottom", fontsize=5, rotation=90)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    ece_s = "n/a" if ece is None else f"{ece:.3f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel, title=f"reliability, ECE {ece_s}")
+    ax.legend(loc="upper left", fontsize=7)
 
-    cm = np.asarray(metrics["confusion_matrix"])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(class_names), 1 + 0.8 * len(class_names)))
-    ax.imshow(cm, cmap="Blues")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black" if cm[i, j] < cm.max() / 2 else "white")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion")
-    _savefig(fig, out_dir / "confusion.png")
-    plt.close(fig)
-    written.append(out_dir / "confusion.png")
+
+def write_report(out_dir: Path, metrics: dict, y_true, probs, class_names: Sequence[str], title: str = "") -> list[Path]:
+    """``metrics.json``, ``roc.png`` (one-vs-rest per class; the positive class only when binary,
+    whose other curve is its mirror), ``reliability.png`` and ``confusion.png``; returns the paths.
+
+    Plots read ``metrics["reliability"]``/``["ece"]``/``["confusion_matrix"]`` when present (so they
+    show what the JSON says, e.g. a vote-based confusion) and compute them from the inputs otherwise.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    names = [str(c) for c in class_names]
+    K = len(names)
+    y, p = check_classification(y_true, probs, K)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedclfError(f"cannot create the report folder: {e.strerror}", out_dir) from None
+    written = [write_metrics_json(out_dir / "metrics.json", metrics)]
+
+    classes = [1] if K == 2 else range(K)
+    curves = [(names[k], y == k, p[:, k]) for k in classes]
+    written.append(_figure(out_dir / "roc.png", (4.5, 4.5), lambda ax: _roc_axes(ax, curves, title)))
+
+    if "reliability" in metrics and "ece" in metrics:
+        ece, bins = metrics["ece"], metrics["reliability"]
+    else:
+        ece, bins = reliability(y, p, int(metrics.get("n_bins", 15)))
+    written.append(_figure(out_dir / "reliability.png", (4.5, 4.5),
+                           lambda ax: _reliability_axes(ax, bins, ece, "confidence (top class)", "accuracy")))
+
+    cm = np.asarray(metrics["confusion_matrix"]) if "confusion_matrix" in metrics else \
+        confusion_matrix(y, p.argmax(1), labels=list(range(K)))
+    if cm.shape != (K, K):
+        raise MedclfError(f"confusion matrix has shape {cm.shape}, expected ({K}, {K})")
+
+    def draw_confusion(ax):
+        ax.imshow(cm, cmap="Blues", vmin=0)
+        for i in range(K):
+            for j in range(K):
+                dark = cm.max() > 0 and cm[i, j] > cm.max() / 2
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+        ax.set_xticks(range(K), names, rotation=45, ha="right")
+        ax.set_yticks(range(K), names)
+        ax.set(xlabel="predicted", ylabel="true", title=f"confusion {title}".strip())
+
+    side = 1.5 + 0.6 * K
+    written.append(_figure(out_dir / "confusion.png", (side, side), draw_confusion))
+    return written
+
+
+def write_multilabel_report(out_dir: Path, metrics: dict, y_true, probs, label_names: Sequence[str],
+                            title: str = "") -> list[Path]:
+    """``metrics.json``, ``roc.png`` (one curve per label over its non-NaN targets) and
+    ``reliability.png`` (positive-class calibration per label); returns the paths."""
+    names = [str(n) for n in label_names]
+    Y, P = check_multilabel(y_true, probs, len(names))
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedclfError(f"cannot create the report folder: {e.strerror}", out_dir) from None
+    written = [write_metrics_json(out_dir / "metrics.json", metrics)]
+
+    masks = [~np.isnan(Y[:, j]) for j in range(len(names))]
+    curves = [(name, Y[m, j] == 1, P[m, j]) for j, (name, m) in enumerate(zip(names, masks))]
+    written.append(_figure(out_dir / "roc.png", (4.5, 4.5), lambda ax: _roc_axes(ax, curves, title)))
+
+    n_bins = int(metrics.get("n_bins", 15))
+
+    def draw_reliability(ax):
+        for j, (name, m) in enumerate(zip(names, masks)):
+            if m.any():
+                ece, bins = binary_reliability(Y[m, j], P[m, j], n_bins)
+                ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", ms=3, lw=1,
+                        label=f"{name} (ECE {ece:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="fraction positive",
+               title=f"reliability {title}".strip())
+        ax.legend(loc="upper left", fontsize=7)
+
+    written.append(_figure(out_dir / "reliability.png", (4.5, 4.5), draw_reliability))
     return written

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from medclf.data.cache import atomic_write_text
+from medclf.figures import pyplot, save_figure
 from medclf.io.image import ImageData
 from medclf.io.nifti import CANONICAL_AXCODES, is_nifti
 
@@ -77,12 +78,7 @@ def write_nifti_map(path: Path, vol: np.ndarray, img: ImageData, source: Path) -
 def overlay_png(path: Path, scan: np.ndarray, heat: np.ndarray, title: str, label: str = "evidence",
                 diverging: bool = True) -> None:
     """Scan (its window, grey) beside the scan with the map over it; a colorbar says what the colour means."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 4.2))
     for ax in axes:
         ax.imshow(scan, cmap="gray", vmin=0, vmax=1)
         ax.axis("off")
@@ -92,23 +88,11 @@ def overlay_png(path: Path, scan: np.ndarray, heat: np.ndarray, title: str, labe
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label=label)
     axes[0].set_title("scan")
     axes[1].set_title(title, fontsize=9)
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".overlay", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _counterfactual_png(path: Path, scan: np.ndarray, cf: np.ndarray, classes: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(classes) + 1, figsize=(2.6 * (len(classes) + 1), 2.8))
+    fig, axes = pyplot().subplots(1, len(classes) + 1, figsize=(2.6 * (len(classes) + 1), 2.8))
     axes[0].imshow(scan, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("input", fontsize=9)
     for k, c in enumerate(classes):
@@ -116,14 +100,7 @@ def _counterfactual_png(path: Path, scan: np.ndarray, cf: np.ndarray, classes: l
         axes[k + 1].set_title(f"denoised as {c}", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".cf", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, scan: np.ndarray, maps: dict,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from medclf.methods.base import Method, register_method
-from medclf.scoring.base import fit_temperature
+from medclf.scoring.base import fit_calibration
 from medclf.scoring.denoising import DenoisingScorer, ScoringConfig
 
 #: name -> (channels, attention levels, res blocks, norm groups)
@@ -36,7 +36,7 @@ class DiffusionClassifierConfig:
     cond_dropout: float = 0.15  #: share of training samples whose class is replaced by the null class
     # scoring defaults (overridable at classify time)
     trials: int = 64
-    decision: str = "vote"
+    decision: str = "posterior"  #: posterior | vote | mean (see medclf.scoring.denoising)
     adaptive: bool = True
     prune_z: float = 2.0
     chunk: int = 64
@@ -116,13 +116,14 @@ class DiffusionClassifier(Method):
                             chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0))
         model.eval().to(device)
         return DenoisingScorer(model, self._scheduler().alphas_cumprod, classes, cfg,
-                               temperature=float(calibration.get("temperature", 1.0)), device=device)
+                               temperature=float(calibration.get("temperature", 1.0)), bias=calibration.get("bias"),
+                               device=device)
 
     def calibrate(self, model: nn.Module, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
                   device: torch.device) -> dict:
-        """Temperature for softmax(-mean error / T), fitted on the validation split (raw errors give
-        near-uniform probabilities: diffusion-classifier issues #11/#23)."""
+        """Temperature and class bias for softmax(-mean error / T + b), fitted on the validation split
+        (raw errors give near-uniform probabilities: diffusion-classifier issues #11/#23)."""
         scorer = self.scorer(model, classes, {}, device)
         scores = torch.cat([scorer.mean_error_scores(images[i : i + 32].to(device).float() * 2 - 1).cpu()
                             for i in range(0, len(images), 32)])
-        return {"temperature": fit_temperature(scores, labels), "fitted_on": int(len(labels))}
+        return {**fit_calibration(scores, labels), "fitted_on": int(len(labels))}

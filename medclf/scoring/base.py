@@ -48,3 +48,28 @@ def fit_temperature(scores: torch.Tensor, labels: torch.Tensor) -> float:
     fine = torch.exp(torch.linspace(float(lo), float(hi), 200, dtype=torch.float64))
     nll = torch.stack([torch.nn.functional.cross_entropy(scores / t, labels) for t in fine])
     return float(fine[int(torch.argmin(nll))])
+
+
+def fit_calibration(scores: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Temperature and per-class bias for softmax(scores / T + b), by NLL on held-out data.
+
+    The bias is a learned log prior: a diffusion classifier scores p(x | c) with every class equally
+    likely, so on data whose classes are imbalanced (most slices show no haemorrhage) its decisions
+    and probabilities need the prior back. T alone is Guo et al.'s temperature scaling; T + b is its
+    vector-scaling variant (Platt scaling for two classes).
+    """
+    scores, labels = scores.double(), labels.long()
+    log_t = torch.tensor(float(torch.log(torch.tensor(fit_temperature(scores, labels)))), dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.zeros(scores.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(scores / log_t.exp() + bias, labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    b = bias.detach() - bias.detach().mean()
+    return {"temperature": float(log_t.exp()), "bias": [float(v) for v in b]}

@@ -2,7 +2,8 @@
 
 For an image x, N trials (t_k, eps_k) are drawn once and shared by every class (paired errors
 cut variance, Li et al. 3.3); e_{k,c} = ||eps_k - eps_hat(x_t, t_k, c)||^2. Decision: majority
-vote of per-trial argmins (Favero) or argmin of mean error (Li). All (image, trial, class)
+vote of per-trial argmins (Favero), argmin of mean error (Li), or (default) argmax of the
+probabilities calibrated on validation data, which puts the class prior back in. All (image, trial, class)
 evaluations of a batch are flattened and run in chunks, instead of one forward per pair.
 
 Adaptive budget: trials are spent in stages; after each stage a class is pruned for an image
@@ -28,7 +29,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  #
 @dataclass
 class ScoringConfig:
     trials: int = 64  #: (t, eps) pairs per image at full budget
-    decision: str = "vote"  #: vote (Favero et al.) | mean (Li et al.)
+    decision: str = "posterior"  #: posterior (argmax of the calibrated probabilities) | vote (Favero et al.) | mean (Li et al.)
     adaptive: bool = True  #: spend trials in stages and prune decided classes
     prune_z: float = 2.0  #: prune a class when its mean paired log-error excess is this many standard errors > 0
     min_trials: int = 4  #: first stage; stages then double (4, 8, 16, ... trials), so decided images stop early
@@ -53,11 +54,12 @@ class DenoisingScorer:
     """Scorer over any class-conditional eps-predicting denoiser and its alpha-bar schedule."""
 
     def __init__(self, denoiser: Denoiser, alphas_cumprod: torch.Tensor, classes: list[str], cfg: ScoringConfig,
-                 temperature: float = 1.0, device: torch.device | str = "cpu"):
+                 temperature: float = 1.0, bias: list[float] | None = None, device: torch.device | str = "cpu"):
         self.denoiser = denoiser
         self.classes = list(classes)
         self.cfg = cfg
         self.temperature = temperature
+        self.bias = torch.tensor(bias if bias else [0.0] * len(classes), dtype=torch.float32)
         self.device = torch.device(device)
         self.ab = alphas_cumprod.to(self.device, torch.float32)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -143,12 +145,14 @@ class DenoisingScorer:
         share = votes / trial_done.sum(1, keepdim=True).clamp_min(1)
         # Classes evaluated on every trial the image used are the ones still standing.
         standing = evaluated.sum(1) == trial_done.sum(1, keepdim=True)
+        scores = -(mean - mean.min(1, keepdim=True).values)
+        probs = torch.softmax(scores / self.temperature + self.bias.to(scores.device), dim=1)
         if self.cfg.decision == "mean":
             pred = torch.where(standing, mean, torch.inf).argmin(1)
-        else:
+        elif self.cfg.decision == "vote":
             pred = torch.where(standing, votes, -1.0).argmax(1)
-        scores = -(mean - mean.min(1, keepdim=True).values)
-        probs = torch.softmax(scores / self.temperature, dim=1)
+        else:
+            pred = torch.where(standing, probs, -1.0).argmax(1)
         return pred, probs, share, nfe
 
     def mean_error_scores(self, x: torch.Tensor) -> torch.Tensor:
