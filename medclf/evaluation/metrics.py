@@ -156,8 +156,9 @@ class _SortedScores:
     def auroc(self, counts: np.ndarray) -> np.ndarray:
         """AUROC of each row of a (B, N) count matrix; NaN where a row has no positives or no negatives."""
         w = counts[:, self.order]
-        gp = np.add.reduceat(w * self.pos, self.starts, axis=1)
-        gn = np.add.reduceat(w * self.neg, self.starts, axis=1)
+        gp, gn = w * self.pos, w * self.neg
+        if len(self.starts) < len(self.order):  # ties: sum each tie group (no ties: groups are the items)
+            gp, gn = np.add.reduceat(gp, self.starts, axis=1), np.add.reduceat(gn, self.starts, axis=1)
         below = np.cumsum(gn, axis=1) - gn  # negative weight strictly below each tie group
         n1, n0 = gp.sum(1), gn.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -85,14 +85,15 @@ def _reliability_axes(ax, bins: list[dict], ece: float | None, xlabel: str, ylab
         ax.bar(centres, acc, width=widths, alpha=0.6, edgecolor="C0", label=ylabel)
         ax.plot([b["confidence"] for b in bins], acc, "o", ms=3, color="C1", label="bin mean confidence")
         for c, b in zip(centres, bins):
-            ax.annotate(f"n={b['count']}", (c, 0.01), ha="center", va="bottom", fontsize=5, rotation=90)
+            ax.annotate(f"n={b['count']}", (c, 0.01), ha="center", va="bottom", fontsize=6, rotation=90)
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     ece_s = "n/a" if ece is None else f"{ece:.3f}"
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel, title=f"reliability, ECE {ece_s}")
     ax.legend(loc="upper left", fontsize=7)
 
 
-def write_report(out_dir: Path, metrics: dict, y_true, probs, class_names: Sequence[str], title: str = "") -> list[Path]:
+def write_report(out_dir: Path, metrics: dict, y_true, probs, class_names: Sequence[str],
+                 title: str = "") -> list[Path]:
     """``metrics.json``, ``roc.png`` (one-vs-rest per class; the positive class only when binary,
     whose other curve is its mirror), ``reliability.png`` and ``confusion.png``; returns the paths.
 

@@ -72,4 +72,4 @@ def fit_calibration(scores: torch.Tensor, labels: torch.Tensor) -> dict:
 
     opt.step(closure)
     b = bias.detach() - bias.detach().mean()
-    return {"temperature": float(log_t.exp()), "bias": [float(v) for v in b]}
+    return {"temperature": float(log_t.detach().exp()), "bias": [float(v) for v in b]}
