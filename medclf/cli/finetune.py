@@ -59,8 +59,11 @@ def finetune_cmd(
                                progress=lambda r: bar.update(task, completed=r["step"],
                                                              info=f"loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s"))
     else:
-        cb = (lambda r: err.print(f"step {r['step']}/{steps}  loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s",
-                                  highlight=False)) if show else None
+        every = max(1, steps // 20)  # plain lines (logs, pipes): about twenty per run
+
+        def cb(r: dict) -> None:
+            if show and (r["step"] % every < 10 or r["step"] == steps):
+                err.print(f"step {r['step']}/{steps}  loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s", highlight=False)
         summary = finetune(cache, method, out_dir, options, tcfg, resume=resume, progress=cb)
     if rank != 0:
         return
