@@ -5,7 +5,8 @@
 Data: an RSNA-ICH-shaped tree of 512 x 512 CT slices (the real dataset's size, uncompressed unless
 ``--compress``) written by ``medclf.synthetic.make_rsna_tree`` into a temporary folder.
 
-Ingest (same files, same number of worker processes, fork start, pool start-up timed for both):
+Ingest (same files, same number of worker processes, fork start, pool start-up timed for both;
+with --workers 1 both run in the benchmark's own process):
   baseline  MONAI ``LoadImage(image_only=True, reader="PydicomReader")`` (one loader per worker, the
             reader MONAI picks for .dcm anyway without ITK) + one ``torch.save`` per file, mapped over
             the files by a ``ProcessPoolExecutor``; torch limited to one thread per worker.
@@ -79,8 +80,16 @@ def run_baseline(files: list[Path], out: Path, workers: int) -> float:
     out.mkdir(parents=True)
     jobs = [(str(f), str(out / (f.stem + ".pt"))) for f in files]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers, initializer=_baseline_init) as pool:
-        n = sum(pool.map(_baseline_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+    if workers == 1:  # in-process, as medclf runs with workers=1
+        import torch
+
+        threads = torch.get_num_threads()
+        _baseline_init()
+        n = sum(_baseline_one(j) for j in jobs)
+        torch.set_num_threads(threads)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_baseline_init) as pool:
+            n = sum(pool.map(_baseline_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
     dt = time.perf_counter() - t0
     if n != len(files) or len(list(out.glob("*.pt"))) != len(files):
         raise SystemExit(f"baseline wrote {n} of {len(files)} files")

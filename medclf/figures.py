@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from medclf.atomic import atomic_write
 
 
 def pyplot():
@@ -17,13 +17,8 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> None:
-    """Save to a temp file next to ``path`` and rename (no half-written PNG), then close the figure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem, suffix=".png")
-    os.close(fd)
+    """Write the PNG atomically (no half-written file), then close the figure."""
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
     finally:
-        Path(tmp).unlink(missing_ok=True)
         pyplot().close(fig)

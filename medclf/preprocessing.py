@@ -85,70 +85,83 @@ class PreprocessConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def scale_intensity(img: ImageData, cfg: PreprocessConfig) -> tuple[np.ndarray, str]:
-    """(S, H, W, C) float32 in [0, 1], and the scaling actually applied (recorded per item)."""
-    x = img.array
-    if not np.isfinite(x).all():
-        raise ReadError("image contains NaN or infinite values")
-    use_hu = (img.kind == "hu" and cfg.intensity == "auto") or (cfg.intensity == "hu" and img.kind != "rgb")
+def _scale(x: np.ndarray, kind: str, cfg: PreprocessConfig, axis: int) -> tuple[np.ndarray, str]:
+    """Intensities -> [0, 1] with channels on ``axis``: one channel per CT window, or percentile / 255."""
+    use_hu = (kind == "hu" and cfg.intensity == "auto") or (cfg.intensity == "hu" and kind != "rgb")
     if use_hu:
-        grey = x[..., 0]
+        grey = np.take(x, 0, axis=axis)
         chans = []
         for w in cfg.windows:
             c, width = window_values(w)
-            lo = c - width / 2.0
-            chans.append(np.clip((grey - lo) / width, 0.0, 1.0))
-        return np.stack(chans, axis=-1).astype(np.float32), "windows:" + ",".join(cfg.windows)
-    if img.kind == "rgb" and x.max() <= 255.0 and x.min() >= 0.0 and cfg.intensity == "auto":
-        return x / 255.0, "rgb/255"
+            chans.append(np.clip((grey - (c - width / 2.0)) * (1.0 / width), 0.0, 1.0))
+        return np.stack(chans, axis=axis).astype(np.float32, copy=False), "windows:" + ",".join(cfg.windows)
+    if kind == "rgb" and x.max() <= 255.0 and x.min() >= 0.0 and cfg.intensity == "auto":
+        return np.clip(x / 255.0, 0.0, 1.0).astype(np.float32, copy=False), "rgb/255"
     lo, hi = np.percentile(x, cfg.percentiles)
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), f"percentile:{cfg.percentiles[0]}-{cfg.percentiles[1]}"
 
 
-def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    n = x.shape[-1]
+def scale_intensity(img: ImageData, cfg: PreprocessConfig) -> tuple[np.ndarray, str]:
+    """(S, H, W, C) float32 in [0, 1] at the image's own size, and the scaling applied."""
+    if not np.isfinite(img.array).all():
+        raise ReadError("image contains NaN or infinite values")
+    return _scale(img.array, img.kind, cfg, axis=-1)
+
+
+def match_channels(x: np.ndarray, channels: int, axis: int = -1) -> np.ndarray:
+    n = x.shape[axis]
     if n == channels:
         return x
     if n == 1:
-        return np.repeat(x, channels, axis=-1)
+        return np.repeat(x, channels, axis=axis)
     if channels == 1:
-        return x.mean(axis=-1, keepdims=True)
+        return x.mean(axis=axis, keepdims=True)
     raise ReadError(f"cannot map a {n}-channel image to {channels} channels")
 
 
-def resize_square(x: np.ndarray, size: int, keep_aspect: bool = True) -> np.ndarray:
-    """(S, H, W, C) -> (S, C, size, size). Pillow's resize is used (antialiased when shrinking, no
-    torch import in ingest workers); MONAI's ``Resize`` would add MetaTensor overhead per slice."""
+def resize_square(x: np.ndarray, size: int, keep_aspect: bool = True, pad_value: float = 0.0) -> np.ndarray:
+    """(S, H, W, C) -> (S, C, size, size): pad to a centred square with ``pad_value``, then resize.
+
+    Pillow's resize is used (antialiased when shrinking, no torch import in ingest workers);
+    MONAI's ``Resize`` would add MetaTensor overhead per slice.
+    """
     from PIL import Image
 
     s, h, w, c = x.shape
+    planes = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)  # (S, C, H, W)
     if keep_aspect and h != w:
         side = max(h, w)
-        pad = np.zeros((s, side, side, c), dtype=x.dtype)
+        pad = np.full((s, c, side, side), pad_value, dtype=np.float32)
         top, left = (side - h) // 2, (side - w) // 2
-        pad[:, top : top + h, left : left + w] = x
-        x, h, w = pad, side, side
+        pad[:, :, top : top + h, left : left + w] = planes
+        planes, h, w = pad, side, side
+    if h == size and w == size:
+        return planes
     out = np.empty((s, c, size, size), dtype=np.float32)
     for i in range(s):
         for j in range(c):
-            if h == size and w == size:
-                out[i, j] = x[i, :, :, j]
-            else:
-                im = Image.fromarray(np.ascontiguousarray(x[i, :, :, j]), mode="F")
-                out[i, j] = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0, out=out)
+            out[i, j] = np.asarray(Image.fromarray(planes[i, j], mode="F").resize((size, size), Image.BILINEAR))
+    return out
 
 
 MIN_SIDE = 8  # smaller images carry nothing a classifier can use
 
 
 def preprocess(img: ImageData, cfg: PreprocessConfig) -> tuple[np.ndarray, str]:
-    """ImageData -> (S, C, size, size) float32 in [0, 1] and the intensity scaling used."""
+    """ImageData -> (S, C, size, size) float32 in [0, 1] and the intensity scaling used.
+
+    The image is resized first (padding with its own minimum: air for CT) and windowed after, as a
+    viewer applies a display window to the resampled image: one resize per slice instead of one per
+    window, and windows computed on size x size pixels rather than the source's.
+    """
     _, h, w, _ = img.array.shape
     if min(h, w) < MIN_SIDE:
         raise ReadError(f"image too small ({h}x{w} pixels)")
-    x, how = scale_intensity(img, cfg)
-    x = match_channels(x, cfg.channels)
-    return resize_square(x, cfg.size, cfg.keep_aspect), how
+    if not np.isfinite(img.array).all():
+        raise ReadError("image contains NaN or infinite values")
+    pad = 0.0 if img.kind == "rgb" else float(img.array.min())
+    small = resize_square(img.array, cfg.size, cfg.keep_aspect, pad_value=pad)  # (S, C0, size, size)
+    x, how = _scale(small, img.kind, cfg, axis=1)
+    return match_channels(x, cfg.channels, axis=1), how

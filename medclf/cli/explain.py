@@ -52,7 +52,7 @@ def explain_cmd(
         maps = {k: v.numpy() for k, v in p.maps.items()}
         summary = write_explanation(out_dir, _name(res.source, used), Path(res.source), res.image, res.scan, maps,
                                     p.probs.numpy(), p.pred.numpy(), {k: v.numpy() for k, v in p.uncertainty.items()},
-                                    run.classes)
+                                    run.classes, keep_aspect=pre.keep_aspect)
         if as_json:
             print(json.dumps(summary, default=str), flush=True)
         else:

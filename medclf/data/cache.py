@@ -14,14 +14,13 @@ count in advance, and readers ``np.memmap`` them without parsing a header.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medclf import __version__
+from medclf.atomic import atomic_write_text  # noqa: F401  (re-exported: used across the package)
 from medclf.errors import MedclfError
 
 FORMAT_VERSION = 1
@@ -31,21 +30,6 @@ ERRORS = "errors.jsonl"
 SHARDS = "shards"
 STATE = ".ingest"  # in-progress state (plan, per-shard records); removed when the cache completes
 DTYPE = "float16"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -111,16 +111,22 @@ def stored_to_hu(stored: np.ndarray, slope: float, intercept: float, bits_stored
     """
     x = stored.astype(np.float32)
     if bits_stored == 12 and pixel_representation == 0 and intercept > -100:
-        x = x + 1000.0
+        x += 1000.0
         x[x >= 4096] -= 4096.0
         intercept = -1000.0
-    return x * np.float32(slope) + np.float32(intercept)
+    if slope != 1.0:
+        x *= np.float32(slope)
+    x += np.float32(intercept)
+    return x
 
 
 def _decode(ds, path: Path) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ReadError("no pixel data", path)
     ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+    fast = _native_16bit(ds, ts)
+    if fast is not None:
+        return fast
     try:
         return ds.pixel_array
     except NotImplementedError:
@@ -132,6 +138,30 @@ def _decode(ds, path: Path) -> np.ndarray:
         if "Unable to decode" in msg or "no pixel data handler" in msg.lower() or "plugin" in msg.lower():
             raise ReadError(f"unsupported transfer syntax {ts} ({msg})", path) from None
         raise ReadError(f"pixel data cannot be decoded ({msg})", path) from None
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
+
+
+def _native_16bit(ds, ts) -> np.ndarray | None:
+    """Uncompressed single-frame 16-bit greyscale (most CT): the pixels are the buffer itself.
+
+    pydicom's generic decoding pipeline costs ~1.5 ms per 512x512 slice, a third of ingest's read
+    time; this path is a view of the bytes. Anything else (compressed, 12 bits stored, multi-frame,
+    colour) goes through pydicom.
+    """
+    if ts not in _NATIVE_LE or "PixelData" not in ds:
+        return None
+    if (ds.get("BitsAllocated"), ds.get("BitsStored"), ds.get("SamplesPerPixel", 1)) != (16, 16, 1):
+        return None
+    if int(ds.get("NumberOfFrames") or 1) != 1:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    buf = ds.PixelData
+    if len(buf) < rows * cols * 2:
+        return None  # let pydicom produce its truncation error
+    dtype = "<i2" if ds.get("PixelRepresentation", 0) == 1 else "<u2"
+    return np.frombuffer(buf, dtype=dtype, count=rows * cols).reshape(rows, cols)
 
 
 def _to_image(ds, path: Path) -> tuple[np.ndarray, str, dict]:

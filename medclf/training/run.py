@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from medclf import __version__
-from medclf.data.cache import atomic_write_text
+from medclf.atomic import atomic_write, atomic_write_text
 from medclf.errors import MedclfError
 
 RUN_FORMAT = 1
@@ -28,19 +27,11 @@ CHECKPOINTS = "checkpoints"
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """safetensors to a temp file + rename (never half a file)."""
+    """safetensors written atomically (never half a file)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def load_tensors(path: Path) -> dict:
