@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medclf.data import to_unit_float
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def naive_predict(scorer, images: torch.Tensor) -> tuple[np.ndarray, int]:
     """The straightforward loop a first implementation writes: one forward per (trial, class)."""
-    x = images * 2 - 1
+    x = to_unit_float(images) * 2 - 1
     t_bank, eps_bank = scorer.bank(tuple(x.shape[1:]))
     K, N = len(scorer.classes), scorer.cfg.trials
     preds, nfe = [], 0

@@ -41,11 +41,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
 
     atomic_write(path, write)

@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from medclf.data.cache import CacheInfo, open_cache
+from medclf.data.cache import CacheInfo, open_cache, to_unit_float
 
-__all__ = ["CacheDataset", "CacheInfo", "open_cache", "ingest", "IngestConfig", "IngestResult"]
+__all__ = ["CacheDataset", "CacheInfo", "open_cache", "to_unit_float", "ingest", "IngestConfig", "IngestResult"]
 
 
 def __getattr__(name: str):

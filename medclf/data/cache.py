@@ -5,10 +5,14 @@
                          Written last and atomically: its presence is what makes a cache complete.
       items.jsonl        one item per line: id, source, label(s), split, shape, spacing, shard, offset
       errors.jsonl       one failed input per line: path, reason
-      shards/NNNNN.bin   raw float16 (n, C, H, W) arrays: fixed shape, so they memory-map directly
+      shards/NNNNN.bin   raw int16 (n, C, H, W) arrays holding [0, 1] as 0..32767: fixed shape, so
+                         they memory-map directly
 
 Raw shards rather than .npy/.pt: each worker streams items into its shard without knowing the
-count in advance, and readers ``np.memmap`` them without parsing a header.
+count in advance, and readers ``np.memmap`` them without parsing a header. 15-bit fixed point in
+int16 rather than float16: finer steps over [0, 1] (1/32767 everywhere, vs float16's 1/2048 near
+1), quantising is ~9x cheaper than numpy's float16 conversion (a fifth of ingest's per-file time),
+and int16, unlike uint16, supports every torch op.
 """
 
 from __future__ import annotations
@@ -23,17 +27,27 @@ from medclf import __version__
 from medclf.atomic import atomic_write_text  # noqa: F401  (re-exported: used across the package)
 from medclf.errors import MedclfError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ITEMS = "items.jsonl"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
 STATE = ".ingest"  # in-progress state (plan, per-shard records); removed when the cache completes
-DTYPE = "float16"
+DTYPE = "int16"
+SCALE = 32767.0  #: stored value / SCALE = intensity in [0, 1]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def to_unit_float(images):
+    """Cache images (int16, or already float) -> float32 in [0, 1]; call it on the device."""
+    import torch
+
+    if images.dtype == torch.int16:
+        return images.float().mul_(1.0 / SCALE)
+    return images.float()
+
+
+def write_jsonl(path: Path, rows: list[dict], fsync: bool = True) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), fsync=fsync)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -9,21 +9,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medclf.data.cache import CacheInfo, open_cache
+from medclf.data.cache import CacheInfo, open_cache, to_unit_float
 
 
 class CacheDataset(Dataset):
     """Items of one cache (optionally one split), as ``{"image", "label", "labels", "index", "id"}``.
 
-    ``image`` is (C, H, W) in [0, 1], float16 as stored (so reading is a copy, not a conversion: cast
-    on the device, as the training loop does) unless ``dtype`` asks for another; ``label`` is the
-    primary class index or -1 when the
+    ``image`` is (C, H, W) int16 as stored (0..32767 for [0, 1]; reading is a copy, not a
+    conversion), like torchvision's uint8 images: scale on the device with
+    ``medclf.data.to_unit_float``, as the training loop does; ``dtype=torch.float32`` returns [0, 1]
+    floats instead (slower). ``label`` is the primary class index or -1 when the
     item has none; ``labels`` is the multi-label vector with NaN where a target is missing/ignored.
     Shards are memory-mapped lazily in each process (a memmap must not be pickled into workers).
     """
 
     def __init__(self, cache: str | Path | CacheInfo, split: str | None = None, transform: Callable | None = None,
-                 labelled_only: bool = False, dtype: torch.dtype = torch.float16):
+                 labelled_only: bool = False, dtype: torch.dtype = torch.int16):
         self.info = cache if isinstance(cache, CacheInfo) else open_cache(cache)
         items = self.info.items
         if split is not None:
@@ -73,8 +74,8 @@ class CacheDataset(Dataset):
         if m is None:
             m = self._shard(shard)
         image = torch.from_numpy(np.array(m[offset]))
-        if self.dtype != torch.float16:
-            image = image.to(self.dtype)
+        if self.dtype != torch.int16:
+            image = to_unit_float(image).to(self.dtype)
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "label": label, "labels": torch.from_numpy(self._labels[i]), "index": i, "id": item_id}

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from medclf import __version__
-from medclf.data.cache import (DTYPE, ERRORS, FORMAT_VERSION, ITEMS, MANIFEST, SHARDS, STATE, atomic_write_text,
+from medclf.data.cache import (DTYPE, ERRORS, SCALE, FORMAT_VERSION, ITEMS, MANIFEST, SHARDS, STATE, atomic_write_text,
                                read_jsonl, write_jsonl)
 from medclf.datasets import AdapterOptions, Plan, Unit, get_adapter
 from medclf.datasets.splits import group_split
@@ -142,12 +142,13 @@ def process_shard(out: str, idx: int, units: list[dict], pre: dict) -> tuple[int
                 continue
             errors += [{"path": p, "reason": r} for p, r in survived]
             for arr, rec in rows:
-                f.write(np.ascontiguousarray(arr, dtype=DTYPE).tobytes())
+                f.write((arr * SCALE + 0.5).astype(DTYPE).tobytes())  # arr is in [0, 1]
                 rec.update(shard=idx, offset=offset)
                 offset += 1
                 items.append(rec)
-    write_jsonl(base.with_suffix(".jsonl"), items)
-    write_jsonl(base.with_suffix(".errors.jsonl"), errors)
+    # per-shard records skip fsync (the manifest, written last, is synced; a lost shard is redone)
+    write_jsonl(base.with_suffix(".jsonl"), items, fsync=False)
+    write_jsonl(base.with_suffix(".errors.jsonl"), errors, fsync=False)
     os.replace(tmp, base.with_suffix(".bin"))
     return idx, len(units), len(items), len(errors)
 
@@ -184,7 +185,7 @@ def _init_worker() -> None:
 # ------------------------------------------------------------------------------------ main side
 def _shard_size(n_units: int) -> int:
     """Units per shard: enough shards for parallelism and progress, few enough to stay cheap."""
-    return int(min(512, max(4, math.ceil(n_units / 64))))
+    return int(min(512, max(64, math.ceil(n_units / 32))))
 
 
 def fingerprint(plan: Plan, cfg: IngestConfig, pre: PreprocessConfig) -> str:
@@ -275,6 +276,11 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
     workers = cfg.workers or default_workers()
     adapter = get_adapter(cfg.dataset, sources)
     opts = AdapterOptions(labels=cfg.labels, uncertain=cfg.uncertain, seed=cfg.seed)
+    if workers > 1:
+        # Import the readers once here: forked workers inherit them instead of each paying the import.
+        import PIL.Image  # noqa: F401
+        import pydicom  # noqa: F401
+        import pydicom.pixels  # noqa: F401
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 else None
     try:
         def mapper(fn, xs):

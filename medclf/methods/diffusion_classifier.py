@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medclf.data.cache import to_unit_float
 from medclf.methods.base import Method, register_method
 from medclf.scoring.base import fit_calibration
 from medclf.scoring.denoising import DenoisingScorer, ScoringConfig
@@ -124,6 +125,6 @@ class DiffusionClassifier(Method):
         """Temperature and class bias for softmax(-mean error / T + b), fitted on the validation split
         (raw errors give near-uniform probabilities: diffusion-classifier issues #11/#23)."""
         scorer = self.scorer(model, classes, {}, device)
-        scores = torch.cat([scorer.mean_error_scores(images[i : i + 32].to(device).float() * 2 - 1).cpu()
+        scores = torch.cat([scorer.mean_error_scores(to_unit_float(images[i : i + 32].to(device)) * 2 - 1).cpu()
                             for i in range(0, len(images), 32)])
         return {**fit_calibration(scores, labels), "fitted_on": int(len(labels))}

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from medclf.data.cache import to_unit_float
 from medclf.scoring.base import Prediction, entropy
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, y) -> eps_hat
@@ -163,7 +164,7 @@ class DenoisingScorer:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, explain: bool = False) -> Prediction:
-        x = images.to(self.device, torch.float32) * 2 - 1  # the denoiser was trained on [-1, 1]
+        x = to_unit_float(images.to(self.device)) * 2 - 1  # the denoiser was trained on [-1, 1]
         B, K = x.shape[0], len(self.classes)
         maps = torch.zeros(B, K, *x.shape[2:], device=self.device) if explain else None
         E = self.errors(x, adaptive=False if explain else None, maps=maps)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from medclf.data.cache import to_unit_float
 from medclf.errors import MedclfError
 from medclf.training.run import (CHECKPOINTS, METRICS, checkpoint_dirs, commit_checkpoint, load_tensors, save_tensors)
 
@@ -160,9 +161,9 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
         for batch in loader:
             if step >= cfg.steps:
                 break
-            # images travel as stored (float16) and are cast on the device
+            # images travel as stored (int16) and are scaled to [0, 1] on the device
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            batch["image"] = batch["image"].float()
+            batch["image"] = to_unit_float(batch["image"])
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
