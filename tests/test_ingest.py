@@ -283,3 +283,13 @@ def test_json_summary(tmp_path):
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["n_items"] == 80 and d["n_failed"] == 0 and d["files_per_s"] > 0 and d["counts"]["train"]
+
+
+def test_caches_of_other_formats_are_refused(tmp_path):
+    res = _ingest(SAMPLE / "isic", tmp_path / "c")
+    mf = Path(res.cache) / "manifest.json"
+    m = json.loads(mf.read_text())
+    for fmt, words in ((m["format"] - 1, "older"), (m["format"] + 1, "newer")):
+        mf.write_text(json.dumps({**m, "format": fmt}))
+        with pytest.raises(MedclfError, match=words):
+            open_cache(res.cache)

@@ -102,6 +102,9 @@ def open_cache(path: str | Path) -> CacheInfo:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise MedclfError(f"unreadable manifest.json ({e})", path) from None
+    if manifest.get("format", 0) < FORMAT_VERSION:
+        raise MedclfError(f"cache format {manifest.get('format')} (medclf {manifest.get('medclf_version')}) is older "
+                          f"than this medclf's ({FORMAT_VERSION}): re-run medclf ingest into a new --out", path)
     if manifest.get("format", 0) > FORMAT_VERSION:
         raise MedclfError(f"cache format {manifest.get('format')} was written by a newer medclf "
                           f"({manifest.get('medclf_version')}); this is {__version__}: upgrade medclf", path)
