@@ -34,17 +34,35 @@ def is_dicom(path: Path) -> bool:
 
 
 def _dcmread(path: Path, header_only: bool = False):
+    import warnings
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
+        # pydicom only warns when a file ends inside an element of undefined length (compressed
+        # PixelData cut short) and drops that element: catch it, or a truncated file reads as "no pixel data".
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
     except InvalidDicomError:
         raise ReadError("not a DICOM file (no DICM preamble)", path) from None
     except FileNotFoundError:
         raise ReadError("file not found", path) from None
     except Exception as e:  # pydicom raises many types on broken headers
         raise ReadError(f"unreadable DICOM header ({type(e).__name__}: {_short(e)})", path) from None
+    eof = False
+    for w in caught:
+        if "End of file reached" in str(w.message):
+            eof = True
+        else:  # everything else as pydicom meant it
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not header_only and "PixelData" not in ds:
+        if eof:
+            raise ReadError("truncated pixel data", path)
+        if len(ds) == 0:
+            raise ReadError("truncated file (no data set after the file meta information)", path)
+    return ds
 
 
 def _short(e: Exception, n: int = 160) -> str:
@@ -135,9 +153,12 @@ def _decode(ds, path: Path) -> np.ndarray:
         msg = _short(e)
         if "less than expected" in msg or "truncated" in msg.lower():
             raise ReadError("truncated pixel data", path) from None
-        if "Unable to decode" in msg or "no pixel data handler" in msg.lower() or "plugin" in msg.lower():
+        if "missing dependencies" in msg or "no pixel data handler" in msg.lower():
             raise ReadError(f"unsupported transfer syntax {ts} ({msg})", path) from None
-        raise ReadError(f"pixel data cannot be decoded ({msg})", path) from None
+        # "Unable to decode as exceptions were raised by all available plugins": a decoder for this
+        # transfer syntax is installed and failed on the data, so the data is at fault, not the syntax
+        msg = _short(e, 400).split("available plugins:", 1)[-1].strip()
+        raise ReadError(f"pixel data cannot be decoded ({_short(ValueError(msg))})", path) from None
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
