@@ -92,6 +92,16 @@ def _reliability_axes(ax, bins: list[dict], ece: float | None, xlabel: str, ylab
     ax.legend(loc="upper left", fontsize=7)
 
 
+def _start_report(out_dir: Path, metrics: dict) -> tuple[Path, list[Path]]:
+    """Create the report folder and write ``metrics.json`` first (the plots are extras)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedclfError(f"cannot create the report folder: {e.strerror}", out_dir) from None
+    return out_dir, [write_metrics_json(out_dir / "metrics.json", metrics)]
+
+
 def write_report(out_dir: Path, metrics: dict, y_true, probs, class_names: Sequence[str],
                  title: str = "") -> list[Path]:
     """``metrics.json``, ``roc.png`` (one-vs-rest per class; the positive class only when binary,
@@ -105,12 +115,7 @@ def write_report(out_dir: Path, metrics: dict, y_true, probs, class_names: Seque
     names = [str(c) for c in class_names]
     K = len(names)
     y, p = check_classification(y_true, probs, K)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MedclfError(f"cannot create the report folder: {e.strerror}", out_dir) from None
-    written = [write_metrics_json(out_dir / "metrics.json", metrics)]
+    out_dir, written = _start_report(out_dir, metrics)
 
     classes = [1] if K == 2 else range(K)
     curves = [(names[k], y == k, p[:, k]) for k in classes]
@@ -150,12 +155,7 @@ def write_multilabel_report(out_dir: Path, metrics: dict, y_true, probs, label_n
     ``reliability.png`` (positive-class calibration per label); returns the paths."""
     names = [str(n) for n in label_names]
     Y, P = check_multilabel(y_true, probs, len(names))
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MedclfError(f"cannot create the report folder: {e.strerror}", out_dir) from None
-    written = [write_metrics_json(out_dir / "metrics.json", metrics)]
+    out_dir, written = _start_report(out_dir, metrics)
 
     masks = [~np.isnan(Y[:, j]) for j in range(len(names))]
     curves = [(name, Y[m, j] == 1, P[m, j]) for j, (name, m) in enumerate(zip(names, masks))]
