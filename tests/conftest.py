@@ -95,9 +95,61 @@ def stored_uids(folder: Path) -> set[str]:
         for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName", "PatientBirthDate"):
             if kw in ds and str(ds.get(kw)):
                 out.add(str(ds.get(kw)))
-        if "file_meta" in dir(ds) and "MediaStorageSOPInstanceUID" in ds.file_meta:
+        if hasattr(ds, "file_meta") and "MediaStorageSOPInstanceUID" in ds.file_meta:
             out.add(str(ds.file_meta.MediaStorageSOPInstanceUID))
     return out
+
+
+def write_bad_dicom(p: Path, what: str) -> Path:
+    """A broken ``.dcm`` of kind ``what`` (a key of ``BAD_DICOM_REASONS``), each in its own series."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if what == "text":
+        p.write_text("this is a text file with a .dcm name\n")
+        return p
+    if what == "empty":
+        p.write_bytes(b"")
+        return p
+    write_ct(p, np.random.default_rng(1).integers(0, 2000, (32, 32)), signed=False)
+    ds = pydicom.dcmread(p)
+    if what == "truncated":
+        p.write_bytes(p.read_bytes()[:-700])  # a download cut short inside PixelData
+    elif what == "truncated_header":
+        p.write_bytes(p.read_bytes()[:250])  # cut inside the file meta information
+    elif what == "truncated_rle":
+        ds.compress(RLELossless, generate_instance_uid=False)
+        ds.save_as(p, enforce_file_format=True)
+        p.write_bytes(p.read_bytes()[:-300])
+    elif what == "nopixels":
+        del ds.PixelData
+        ds.save_as(p, enforce_file_format=True)
+    elif what == "mpeg2":  # a video transfer syntax: no decoder installed
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+        ds.save_as(p, enforce_file_format=True)
+    elif what == "private_ts":  # a made-up private transfer syntax over uncompressed-looking data
+        ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.9.9999.1"
+        ds.save_as(p, enforce_file_format=True)
+    elif what == "corrupt_jpegls":  # a decodable syntax (JPEG-LS via libjpeg) whose stream is garbage
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + bytes(range(256)) * 2])
+        ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+BAD_DICOM_REASONS = {
+    "text": "not a DICOM file (no DICM preamble)",
+    "empty": "not a DICOM file (no DICM preamble)",
+    "truncated": "truncated pixel data",
+    "truncated_rle": "truncated pixel data",
+    "truncated_header": "truncated file",
+    "nopixels": "no pixel data",
+    "mpeg2": "unsupported transfer syntax 1.2.840.10008.1.2.4.100 (no decoder installed)",
+    "private_ts": "unsupported transfer syntax 1.2.826.0.1.3680043.9.9999.1 (no decoder installed)",
+    "corrupt_jpegls": "pixel data cannot be decoded",
+}
 
 
 # ------------------------------------------------------------------------------ dataset trees

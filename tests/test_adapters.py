@@ -458,3 +458,38 @@ def test_csv_layout(tmp_path, ct_writer):
     assert len({split[f"imgs/img{i}.png"] for i in (2, 3, 4)}) == 1  # one group, one split
     assert {info.classes[it["label"]] for it in info.items if it["source"] == "imgs/img1.png"} == {"yes"}
     assert info.manifest["n_failed"] == 2
+
+
+# ----------------------------------------------------------------------- Favero et al.'s presets
+def test_chexpert_effusion_preset(tmp_path, trees):
+    t = trees.chexpert(tmp_path / "cx", n_train=17, n_valid=2)
+    nf, pe = CHEXPERT_OBS.index("No Finding"), CHEXPERT_OBS.index("Pleural Effusion")
+    eligible = {}
+    for rel, raw in t["train"]:  # first-study frontal views of train.csv; effusion (1) vs no finding (0)
+        if "/study1/view1_frontal" in rel:
+            if raw[pe] == "1.0":
+                eligible[rel] = 1
+            elif raw[nf] == "1.0":
+                eligible[rel] = 0
+    assert 0 < sum(eligible.values()) < len(eligible) - sum(eligible.values())  # unbalanced before the preset
+    assert detect_dataset([t["root"]]) == "chexpert"  # a preset is asked for by name only
+    info = open_cache(run_ingest(t["root"], tmp_path / "c", dataset="chexpert-effusion").cache)
+    assert info.classes == ["no_finding", "pleural_effusion"] and info.shape == (1, 32, 32)
+    assert info.manifest["split_fractions"] == [0.8, 0.1, 0.1] and info.manifest["options"]["preset"] == "favero2025"
+    for it in info.items:
+        assert it["label"] == eligible[it["source"]]
+    labels = [it["label"] for it in info.items]
+    assert labels.count(1) == labels.count(0) == sum(eligible.values())  # balanced by dropping no-finding views
+    assert {it["split"] for it in info.items} == {"train", "val", "test"}  # split 80/10/10 from train.csv by patient
+    assert len({it["group"] for it in info.items}) == len(info.items)  # one view per patient
+
+
+def test_isic_melanoma_preset(tmp_path):
+    gt = _read_csv(SAMPLE / "isic" / "ISIC_2019_Training_GroundTruth.csv")
+    truth = {r["image"]: next(c for c in ("MEL", "NV", "BKL", "DF", "VASC", "BCC", "AK", "SCC") if float(r[c]) == 1) for r in gt}
+    info = open_cache(run_ingest(SAMPLE / "isic", tmp_path / "c", dataset="isic-melanoma").cache)
+    assert info.classes == ["benign", "melanoma"]
+    labels = [it["label"] for it in info.items]
+    assert labels.count(0) == labels.count(1) > 0
+    for it in info.items:
+        assert truth[it["id"]] in (("MEL",) if it["label"] == 1 else ("NV", "BKL", "DF", "VASC"))

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import SAMPLE
+from conftest import BAD_DICOM_REASONS, SAMPLE, write_bad_dicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
@@ -211,6 +211,50 @@ def test_multiframe_dicom_is_one_slice_per_frame():
     assert x.shape == (10, 1, 32, 32)
 
 
+def _enhanced(path: Path, modality: str, rescales: list[tuple[float, float]], stored: int, per_frame: bool) -> Path:
+    """An enhanced multi-frame file (one frame per rescale) with its rescale in the functional groups."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1" if modality == "MR" else "1.2.840.10008.5.1.4.1.1.2.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, modality
+    ds.Rows = ds.Columns = 8
+    ds.NumberOfFrames = len(rescales)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+
+    def pvt(slope, intercept):
+        item, group = Dataset(), Dataset()
+        item.RescaleSlope, item.RescaleIntercept, item.RescaleType = slope, intercept, "US" if modality == "MR" else "HU"
+        group.PixelValueTransformationSequence = Sequence([item])
+        return group
+
+    if per_frame:
+        ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+        ds.PerFrameFunctionalGroupsSequence = Sequence([pvt(*r) for r in rescales])
+    else:
+        ds.SharedFunctionalGroupsSequence = Sequence([pvt(*rescales[0])])
+        ds.PerFrameFunctionalGroupsSequence = Sequence([Dataset() for _ in rescales])
+    ds.PixelData = np.full((len(rescales), 8, 8), stored, np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_enhanced_multiframe_rescale_per_frame_and_shared(tmp_path):
+    mr = read_image(_enhanced(tmp_path / "mr.dcm", "MR", [(1.0, 0.0), (4.0, 0.0), (0.5, 10.0)], 100, per_frame=True))
+    assert mr.kind == "mono" and mr.array[:, 0, 0, 0].tolist() == [100.0, 400.0, 60.0]  # each frame its own rescale
+    ct = read_image(_enhanced(tmp_path / "ct.dcm", "CT", [(1.0, -1024.0), (2.0, -1000.0)], 1064, per_frame=True))
+    assert ct.kind == "hu" and ct.array[:, 0, 0, 0].tolist() == [40.0, 1128.0]
+    shared = read_image(_enhanced(tmp_path / "sh.dcm", "CT", [(1.0, -1024.0)] * 3, 1064, per_frame=False))
+    assert shared.array[:, 0, 0, 0].tolist() == [40.0, 40.0, 40.0]
+
+
 def test_monochrome1_is_inverted(tmp_path, ct_writer):
     stored = np.arange(64).reshape(8, 8)
     m1 = read_image(ct_writer(tmp_path / "m1.dcm", stored, intercept=0.0, photometric="MONOCHROME1", modality="MR"))
@@ -223,57 +267,9 @@ def test_monochrome1_is_inverted(tmp_path, ct_writer):
 
 
 # --------------------------------------------------------------------------- bad DICOM files
-def _bad_dicom(tmp_path, ct_writer, what: str) -> Path:
-    p = tmp_path / f"{what}.dcm"
-    if what == "text":
-        p.write_text("this is a text file with a .dcm name\n")
-        return p
-    if what == "empty":
-        p.write_bytes(b"")
-        return p
-    ct_writer(p, np.random.default_rng(1).integers(0, 2000, (32, 32)), signed=False)
-    ds = pydicom.dcmread(p)
-    if what == "truncated":
-        p.write_bytes(p.read_bytes()[:-700])  # a download cut short inside PixelData
-    elif what == "truncated_header":
-        p.write_bytes(p.read_bytes()[:250])  # cut inside the file meta information
-    elif what == "truncated_rle":
-        ds.compress(RLELossless, generate_instance_uid=False)
-        ds.save_as(p, enforce_file_format=True)
-        p.write_bytes(p.read_bytes()[:-300])
-    elif what == "nopixels":
-        del ds.PixelData
-        ds.save_as(p, enforce_file_format=True)
-    elif what == "mpeg2":  # a video transfer syntax: no decoder installed
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
-        ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
-        ds.save_as(p, enforce_file_format=True)
-    elif what == "private_ts":  # a made-up private transfer syntax over uncompressed-looking data
-        ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.9.9999.1"
-        ds.save_as(p, enforce_file_format=True)
-    elif what == "corrupt_jpegls":  # a decodable syntax (JPEG-LS via libjpeg) whose stream is garbage
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
-        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8" + bytes(range(256)) * 2])
-        ds.save_as(p, enforce_file_format=True)
-    return p
-
-
-BAD_DICOM_REASONS = {
-    "text": "not a DICOM file (no DICM preamble)",
-    "empty": "not a DICOM file (no DICM preamble)",
-    "truncated": "truncated pixel data",
-    "truncated_rle": "truncated pixel data",
-    "truncated_header": "truncated file",
-    "nopixels": "no pixel data",
-    "mpeg2": "unsupported transfer syntax 1.2.840.10008.1.2.4.100 (no decoder installed)",
-    "private_ts": "unsupported transfer syntax 1.2.826.0.1.3680043.9.9999.1 (no decoder installed)",
-    "corrupt_jpegls": "pixel data cannot be decoded",
-}
-
-
 @pytest.mark.parametrize("what", list(BAD_DICOM_REASONS))
-def test_bad_dicom_gives_a_one_line_reason(tmp_path, ct_writer, what):
-    p = _bad_dicom(tmp_path, ct_writer, what)
+def test_bad_dicom_gives_a_one_line_reason(tmp_path, what):
+    p = write_bad_dicom(tmp_path / f"{what}.dcm", what)
     with pytest.raises(ReadError) as e:
         read_image(p)
     assert e.value.message.startswith(BAD_DICOM_REASONS[what]), e.value.message
@@ -426,7 +422,7 @@ def _save_nifti(path, data, affine, cls=nib.Nifti1Image):
 
 
 def test_nifti_canonical_orientation_by_hand(tmp_path):
-    # x (RAS: towards patient right... nibabel's +x is Right), y anterior, z superior
+    # voxel axes along RAS+: x towards the patient's right, y anterior, z superior
     data = np.zeros((5, 6, 4), np.float32)
     data[4, 5, 0] = 7.0  # most Right, most Anterior, most Inferior voxel
     data[0, 0, 3] = 9.0  # most Left, most Posterior, most Superior

@@ -6,9 +6,16 @@ import sys
 from dataclasses import dataclass
 
 import click
+import typer
 from rich.console import Console
 
 from medclf.errors import ExitCode, MedclfError
+
+# Typer >= 0.2x vendors Click as ``typer._click``: the exceptions it raises are not click's own, so
+# catch both (else a bad option reads "unexpected BadParameter" with exit code 1 instead of 2).
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
 
 out = Console()  # results (tables, JSON) go to stdout
 err = Console(stderr=True)  # progress, warnings and errors go to stderr
@@ -32,15 +39,17 @@ def run_app(app, argv: list[str], debug_env: str | None = None) -> int:
     debug = "--debug" in argv or (debug_env or "").lower() in ("1", "true", "yes")
     try:
         rc = app(args=argv, prog_name="medclf", standalone_mode=False)
+        if rc == 130:  # Typer turns Ctrl-C into exit code 130 itself: no KeyboardInterrupt reaches the handler below
+            err.print("interrupted: re-run with --resume to continue where it stopped")
         return rc if isinstance(rc, int) else 0
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return int(e.exit_code)
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         return int(ExitCode.USAGE)
-    except click.exceptions.Abort:
+    except _ABORT:
         err.print("aborted")
         return 130
     except KeyboardInterrupt:

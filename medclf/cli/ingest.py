@@ -89,8 +89,10 @@ def _run_with_progress(cfg, ingest, fancy: bool):
 def _print_summary(r) -> None:
     from rich.table import Table
 
-    title = f"cache {r.cache}" + ("  (up to date, nothing to do)" if r.up_to_date else "")
-    t = Table(title=title, title_justify="left")
+    # the path on a line of its own: a table title would wrap it (mid-path) to the table's width
+    out.print(f"cache {r.cache}" + ("  (up to date, nothing to do)" if r.up_to_date else ""), highlight=False,
+              soft_wrap=True)
+    t = Table()
     t.add_column("split")
     classes = sorted({c for per in r.counts.values() for c in per})
     for c in classes:

@@ -121,6 +121,24 @@ def _rescale(ds) -> tuple[float, float]:
     return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0)
 
 
+def _rescale_per_frame(ds, frames: int) -> list[tuple[float, float]] | None:
+    """(slope, intercept) of each frame of an enhanced multi-frame file whose rescale is per frame
+    (Enhanced MR/PET often scale every frame differently); None when one rescale serves all frames."""
+    if frames < 2 or "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return None
+    seq = ds.get("PerFrameFunctionalGroupsSequence")
+    if not seq or len(seq) != frames:
+        return None
+    out = []
+    for item in seq:
+        pvt = item.get("PixelValueTransformationSequence")
+        if not pvt:
+            return None  # in the shared functional groups, read by _rescale
+        s, b = pvt[0].get("RescaleSlope"), pvt[0].get("RescaleIntercept")
+        out.append((float(s if s is not None else 1.0), float(b if b is not None else 0.0)))
+    return out
+
+
 def stored_to_hu(stored: np.ndarray, slope: float, intercept: float, bits_stored: int, pixel_representation: int) -> np.ndarray:
     """Stored values -> Hounsfield units, with the RSNA-ICH fix for mis-stored 12-bit unsigned files.
 
@@ -216,10 +234,23 @@ def _to_image(ds, path: Path) -> tuple[np.ndarray, str, dict]:
     }
     if spp == 3:
         return arr.astype(np.float32), "rgb", meta
+    per_frame = _rescale_per_frame(ds, frames)
+    if per_frame and len(set(per_frame)) > 1:
+        meta["rescale_per_frame"] = True
+    else:
+        per_frame = None
+    bits, pr = meta["bits_stored"], meta["pixel_representation"]
     if modality == "CT":
-        hu = stored_to_hu(arr, slope, intercept, meta["bits_stored"], meta["pixel_representation"])
+        if per_frame:
+            hu = np.concatenate([stored_to_hu(arr[k : k + 1], s, b, bits, pr) for k, (s, b) in enumerate(per_frame)])
+        else:
+            hu = stored_to_hu(arr, slope, intercept, bits, pr)
         return hu, "hu", meta
-    x = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if per_frame:
+        sb = np.array(per_frame, np.float32)  # (frames, 2)
+        x = arr.astype(np.float32) * sb[:, 0, None, None, None] + sb[:, 1, None, None, None]
+    else:
+        x = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     if photometric == "MONOCHROME1":  # low values display white: invert so bright means dense everywhere
         x = x.max() + x.min() - x
         meta["inverted"] = True
