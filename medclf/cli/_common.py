@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
 import click
 import typer
@@ -70,3 +71,18 @@ def run_app(app, argv: list[str], debug_env: str | None = None) -> int:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+# Scoring options shared by classify, eval and explain. Each method's scorer takes the ones it knows
+# (None = the run's default); the CLI stays method-agnostic.
+Budget = Annotated[Optional[int], typer.Option(min=1, help="diffusion-classifier: (t, eps) trials per image (default: the run's).")]
+Adaptive = Annotated[Optional[bool], typer.Option("--adaptive/--full", help="diffusion-classifier: adaptive budget (default) or full.")]
+Decision = Annotated[Optional[str], typer.Option(help="diffusion-classifier: posterior (calibrated, default) | vote (Favero) | mean (Li).")]
+Sampler = Annotated[Optional[str], typer.Option(help="didicm: cp (class-probability evolution) | cl (label chains).")]
+DiffusionSteps = Annotated[Optional[int], typer.Option(min=1, help="diffmic/didicm: reverse steps (default: the run's).")]
+Samples = Annotated[Optional[int], typer.Option(min=1, help="diffmic: label samples per image; didicm cl: chains.")]
+
+
+def scorer_options(budget=None, adaptive=None, decision=None, sampler=None, diffusion_steps=None, samples=None) -> dict:
+    return {"trials": budget, "adaptive": adaptive, "decision": decision, "sampler": sampler,
+            "diffusion_steps": diffusion_steps, "samples": samples}

@@ -9,8 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import err, out
+from medclf.cli._common import Adaptive, Budget, Decision, DiffusionSteps, Samples, Sampler, err, out, scorer_options
 from medclf.errors import ExitCode
+
+
+def _headline(unc: dict) -> str:
+    """The uncertainty shown in the table: vote entropy for the diffusion classifier, else entropy."""
+    for key in ("vote_entropy", "entropy"):
+        if key in unc:
+            return f"{unc[key]:.3f}"
+    return ""
 
 
 def classify_cmd(
@@ -19,9 +27,12 @@ def classify_cmd(
     model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
-    budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
-    adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--full", help="Adaptive budget (default) or full.")] = None,
-    decision: Annotated[Optional[str], typer.Option(help="posterior (calibrated, default) | vote (Favero) | mean (Li).")] = None,
+    budget: Budget = None,
+    adaptive: Adaptive = None,
+    decision: Decision = None,
+    sampler: Sampler = None,
+    diffusion_steps: DiffusionSteps = None,
+    samples: Samples = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
 ) -> None:
@@ -33,9 +44,7 @@ def classify_cmd(
     from medclf.errors import MedclfError
     from medclf.inference import expand_inputs, load_scorer, rows, score_inputs
 
-    if decision not in (None, "posterior", "vote", "mean"):
-        raise MedclfError(f"unknown --decision {decision!r} (posterior, vote, mean)")
-    run, scorer, pre = load_scorer(model, device, trials=budget, adaptive=adaptive, decision=decision)
+    run, scorer, pre = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
     classes = run.classes
     failed = 0
     writer = None
@@ -67,7 +76,7 @@ def classify_cmd(
             t.add_column(col, overflow="fold")
         for r in table_rows:
             t.add_row(r["input"], str(r.get("slice", "")), r["prediction"], *[f"{v:.3f}" for v in r["probabilities"].values()],
-                      f"{r['uncertainty']['vote_entropy']:.3f}" if "vote_entropy" in r["uncertainty"] else "", str(r["nfe"]))
+                      _headline(r["uncertainty"]), str(r["nfe"]))
         out.print(t)
     if failed:
         raise typer.Exit(int(ExitCode.PARTIAL))

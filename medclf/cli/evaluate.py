@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import err, is_tty, out
+from medclf.cli._common import Adaptive, Budget, Decision, DiffusionSteps, Samples, Sampler, err, is_tty, out, scorer_options
 
 
 def eval_cmd(
@@ -17,9 +17,12 @@ def eval_cmd(
     data: Annotated[Optional[Path], typer.Option(help="A cache, or a raw dataset root (default: $MEDCLF_DATA/NAME).")] = None,
     split: Annotated[str, typer.Option(help="train | val | test.")] = "test",
     report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json and the PNG plots.")] = None,
-    budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
-    adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--full")] = None,
-    decision: Annotated[Optional[str], typer.Option(help="posterior (calibrated, default) | vote (Favero) | mean (Li).")] = None,
+    budget: Budget = None,
+    adaptive: Adaptive = None,
+    decision: Decision = None,
+    sampler: Sampler = None,
+    diffusion_steps: DiffusionSteps = None,
+    samples: Samples = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
@@ -30,9 +33,7 @@ def eval_cmd(
     from medclf.evaluation.evaluate import cache_for, data_root, score_split
     from medclf.inference import load_scorer
 
-    if decision not in (None, "posterior", "vote", "mean"):
-        raise MedclfError(f"unknown --decision {decision!r} (posterior, vote, mean)")
-    run, scorer, _ = load_scorer(model, device, trials=budget, adaptive=adaptive, decision=decision)
+    run, scorer, _ = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
     cache = cache_for(run.config, dataset, data_root(dataset, data))
     if cache.classes != run.classes:
         raise MedclfError(f"the data's classes {cache.classes} differ from the model's {run.classes}", cache.path)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import err, out
+from medclf.cli._common import Budget, DiffusionSteps, Samples, Sampler, err, out, scorer_options
 from medclf.errors import ExitCode
 
 
@@ -29,18 +29,22 @@ def explain_cmd(
     inputs: Annotated[list[str], typer.Argument(help="Scans as for `classify`.", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for one sub-folder per input.")],
     model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
-    budget: Annotated[Optional[int], typer.Option(min=1, help="Trials per image (default: the run's).")] = None,
+    budget: Budget = None,
+    sampler: Sampler = None,
+    diffusion_steps: DiffusionSteps = None,
+    samples: Samples = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print each summary as a JSON line.")] = False,
 ) -> None:
-    """Per input: evidence map (runner-up minus predicted-class denoising error), per-class error
-    maps and uncertainty as NIfTI aligned to the source geometry, a PNG overlay, counterfactuals
-    per class, and summary.json. Exit 3 if some inputs failed."""
+    """Per input: the evidence map (what pushes toward the predicted class vs the runner-up), the
+    method's own maps (diffusion classifier: per-class error maps and counterfactuals; DiffMIC: the
+    saliency that chose its ROIs) and uncertainty, as NIfTI aligned to the source geometry, a PNG
+    overlay and summary.json. Exit 3 if some inputs failed."""
     from medclf.errors import MedclfError
     from medclf.export import write_explanation
     from medclf.inference import expand_inputs, load_scorer, score_inputs
 
-    run, scorer, pre = load_scorer(model, device, trials=budget, adaptive=False)
+    run, scorer, pre = load_scorer(model, device, **scorer_options(budget, False, None, sampler, diffusion_steps, samples))
     used: set[str] = set()
     failed = 0
     for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=8, explain=True):

@@ -14,9 +14,13 @@ from medclf.cli._common import err, is_tty, out
 def finetune_cmd(
     cache: Annotated[Path, typer.Argument(help="Cache written by `medclf ingest`.", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
-    method: Annotated[str, typer.Option(help="Method: diffusion-classifier.")] = "diffusion-classifier",
-    arch: Annotated[str, typer.Option(help="Denoiser: unet (MONAI DiffusionModelUNet) | dit (timm blocks).")] = "unet",
-    model_size: Annotated[str, typer.Option(help="tiny | small | base.")] = "small",
+    method: Annotated[str, typer.Option(help="diffusion-classifier | diffmic | didicm | baseline.")] = "diffusion-classifier",
+    arch: Annotated[Optional[str], typer.Option(help="diffusion-classifier denoiser: unet (MONAI DiffusionModelUNet, default) | dit (timm blocks).")] = None,
+    model_size: Annotated[Optional[str], typer.Option(help="diffusion-classifier: tiny | small (default) | base.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="baseline/diffmic/didicm: timm encoder (default resnet18).")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained", help="Start the backbone from timm's hub weights (online).")] = None,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Start the backbone from a local weights file.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Any method option as KEY=VALUE (repeatable), e.g. --set mixup=0.2.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Must equal the cache's size (checked); kept for scripts.")] = None,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
@@ -24,7 +28,7 @@ def finetune_cmd(
     warmup_steps: Annotated[int, typer.Option(min=0)] = 100,
     ema_decay: Annotated[float, typer.Option()] = 0.999,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 500,
-    trials: Annotated[int, typer.Option(min=1, help="Default scoring trials recorded with the run.")] = 64,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="diffusion-classifier: default scoring trials recorded with the run.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     amp: Annotated[str, typer.Option(help="auto | bf16 | fp16 | off (CUDA only).")] = "auto",
@@ -38,6 +42,7 @@ def finetune_cmd(
     """
     from medclf.data.cache import open_cache
     from medclf.errors import MedclfError
+    from medclf.methods import get_method
     from medclf.training.finetune import finetune
     from medclf.training.loop import TrainConfig, distributed_env
 
@@ -46,7 +51,9 @@ def finetune_cmd(
         raise MedclfError(f"--image-size {image_size} differs from the cache's {info.shape[1]}: re-ingest with --size {image_size}", cache)
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay,
                        checkpoint_every=checkpoint_every, seed=seed, device=device, amp=amp, num_workers=workers)
-    options = {"arch": arch, "model_size": model_size, "trials": trials}
+    options = {"arch": arch, "model_size": model_size, "trials": trials, "backbone": backbone, "pretrained": pretrained,
+               "encoder_weights": str(encoder_weights) if encoder_weights else None}
+    options = get_method(method).parse_options({k: v for k, v in options.items() if v is not None}, sets or [])
     rank = distributed_env()[0]
     show = rank == 0 and not as_json
     if show and is_tty():

@@ -253,7 +253,8 @@ def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, sc
                       keep_aspect: bool = True) -> dict:
     """All of one input's explanation files under ``out_dir/name``; returns the summary (also summary.json).
 
-    Files: evidence.nii.gz, error_<class>.nii.gz, uncertainty.nii.gz (the given map, else a
+    Files: evidence.nii.gz, error_<class>.nii.gz (when given), <map>.nii.gz for other (S, size, size)
+    maps, uncertainty.nii.gz (the given map, else a
     constant-per-slice map of the first uncertainty value, so a volume shows which slices are
     uncertain), overlay.png (see ``_shown_slice``), counterfactuals.png when given, summary.json.
     The overall prediction follows ``_overall`` ("any slice positive" for volumes). ``keep_aspect``
@@ -266,12 +267,13 @@ def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, sc
     S, K = img.n_slices, len(classes)
     if probs.shape != (S, K) or pred.shape != (S,) or not ((pred >= 0) & (pred < K)).all():
         raise MedclfError(f"probabilities {probs.shape} / predictions {pred.shape} do not fit {S} slice(s) x {K} classes", source)
-    for key in ("evidence", "error"):
-        if key not in maps:
-            raise MedclfError(f"explanation maps lack {key!r}", source)
-    err = np.asarray(maps["error"])
-    if err.ndim != 4 or err.shape[:2] != (S, K):
-        raise MedclfError(f"error maps {err.shape} are not (S={S}, K={K}, size, size)", source)
+    if "evidence" not in maps:
+        raise MedclfError("explanation maps lack 'evidence'", source)
+    err = maps.get("error")  # per-class maps: the diffusion classifier's denoising errors; others have none
+    if err is not None:
+        err = np.asarray(err)
+        if err.ndim != 4 or err.shape[:2] != (S, K):
+            raise MedclfError(f"error maps {err.shape} are not (S={S}, K={K}, size, size)", source)
     scan = np.asarray(scan)
     if scan.ndim != 4 or scan.shape[0] != S:
         raise MedclfError(f"scan {scan.shape} is not (S={S}, C, size, size)", source)
@@ -286,8 +288,12 @@ def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, sc
 
     ev = maps_to_source(maps["evidence"], img, keep_aspect)
     nifti("evidence", "evidence.nii.gz", ev)
-    for k, c in enumerate(classes):
+    for k, c in enumerate(classes if err is not None else []):
         nifti(f"error_{c}", f"error_{_safe(c)}.nii.gz", maps_to_source(err[:, k], img, keep_aspect))
+    for key, m in maps.items():  # a method's own maps (e.g. DiffMIC's ROI saliency): (S, size, size)
+        m = np.asarray(m)
+        if key not in ("evidence", "error", "uncertainty_map", "counterfactual") and m.ndim == 3 and m.shape[0] == S:
+            nifti(key, f"{_safe(key)}.nii.gz", maps_to_source(m, img, keep_aspect))
     unc_map = maps.get("uncertainty_map")
     if unc_map is not None:
         nifti("uncertainty", "uncertainty.nii.gz", maps_to_source(unc_map, img, keep_aspect))

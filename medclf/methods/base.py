@@ -30,11 +30,36 @@ class Method:
         names = {f.name for f in fields(cls.Config)}
         return cls(cls.Config(**{k: v for k, v in options.items() if k in names and v is not None}))
 
+    @classmethod
+    def parse_options(cls, options: dict, sets: list[str]) -> dict:
+        """CLI options + ``--set KEY=VALUE`` strings -> options this method knows (typed; unknown keys refused)."""
+        import typing
+
+        from medclf.errors import MedclfError
+
+        hints = typing.get_type_hints(cls.Config)
+        known = {f.name for f in fields(cls.Config)}
+        for k in options:
+            if k not in known:
+                raise MedclfError(f"--{k.replace('_', '-')} does not apply to --method {cls.name}")
+        out = dict(options)
+        for item in sets:
+            key, sep, raw = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in known:
+                raise MedclfError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+            out[key] = _coerce(raw.strip(), hints[key], item)
+        return out
+
     def config_dict(self) -> dict:
         return asdict(self.config)
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
         raise NotImplementedError
+
+    def prepare(self, model: nn.Module, in_channels: int, image_size: int) -> dict:
+        """Before the first step of a new run (not on resume or load): starting weights, if any."""
+        return {}
 
     def loss_fn(self, n_classes: int) -> LossFn:
         raise NotImplementedError
@@ -47,6 +72,26 @@ class Method:
                   device: torch.device) -> dict:
         """Fit post-hoc calibration on validation images; returns what ``scorer`` receives."""
         return {}
+
+
+def _coerce(raw: str, hint, item: str):
+    """A --set value to its field's type (bool/int/float/str, Optional[...] allowing 'none')."""
+    import typing
+
+    from medclf.errors import MedclfError
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    typ = args[0] if args else hint
+    if raw.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    try:
+        if typ is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        return typ(raw)
+    except (TypeError, ValueError):
+        raise MedclfError(f"--set {item!r}: {raw!r} is not a valid {getattr(typ, '__name__', typ)}") from None
 
 
 METHODS: dict[str, type[Method]] = {}

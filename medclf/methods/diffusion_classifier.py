@@ -112,6 +112,10 @@ class DiffusionClassifier(Method):
                **options: Any) -> DenoisingScorer:
         c = self.config
         opts = {k: v for k, v in options.items() if v is not None}
+        if opts.get("decision", c.decision) not in ("posterior", "vote", "mean"):
+            from medclf.errors import MedclfError
+
+            raise MedclfError(f"unknown --decision {opts['decision']!r} (posterior, vote, mean)")
         cfg = ScoringConfig(trials=opts.get("trials", c.trials), decision=opts.get("decision", c.decision),
                             adaptive=opts.get("adaptive", c.adaptive), prune_z=opts.get("prune_z", c.prune_z),
                             chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0))

@@ -58,6 +58,8 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
     C, H, W = cache.shape
     torch.manual_seed(train_cfg.seed)
     model = method.build(C, len(cache.classes), H)
+    if not resume:
+        method.prepare(model, C, H)
     base_config = {
         "method": method.name,
         "method_config": method.config_dict(),

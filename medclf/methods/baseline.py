@@ -1,0 +1,91 @@
+"""The discriminative baseline: a timm backbone + linear head trained with cross-entropy.
+
+What a user would train without medclf's diffusion methods; every report can show it beside them,
+with the same backbone, data, loop, calibration and explanation maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from medclf.methods.base import Method, register_method
+from medclf.scoring.label import LabelOutput, LabelScorer, calibrate_label_scorer
+
+
+@dataclass
+class BackboneConfig:
+    """Options every backbone-based method shares (``finetune --init RUN`` sets ``backbone``)."""
+
+    backbone: str = "resnet18"  #: any timm model name (e.g. resnet18, vit_small_patch16_224, test_resnet)
+    pretrained: bool = False  #: timm hub weights at the start of training (online only)
+    encoder_weights: str | None = None  #: local weights file for the backbone at the start of training
+
+
+@dataclass
+class BaselineConfig(BackboneConfig):
+    dropout: float = 0.0  #: before the linear head
+    label_smoothing: float = 0.0
+
+
+class BackboneMethod(Method):
+    """A method whose network holds an ``Encoder`` as ``model.backbone``: loads starting weights once."""
+
+    def prepare(self, model: nn.Module, in_channels: int, image_size: int) -> dict:
+        """Before the first step of a new run: hub or local weights into ``model.backbone``."""
+        from medclf.models.backbone import create_encoder, load_encoder_weights
+
+        c = self.config
+        if c.encoder_weights:
+            return load_encoder_weights(model.backbone, c.encoder_weights)
+        if c.pretrained:
+            src = create_encoder(c.backbone, in_channels, image_size, pretrained=True)
+            model.backbone.load_state_dict(src.state_dict())
+            return {"loaded": len(src.state_dict()), "missing": [], "unexpected": []}
+        return {}
+
+
+class LinearClassifier(nn.Module):
+    def __init__(self, backbone: str, in_channels: int, n_classes: int, image_size: int, dropout: float = 0.0):
+        super().__init__()
+        from medclf.models.backbone import create_encoder
+
+        self.backbone = create_encoder(backbone, in_channels, image_size)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(self.backbone.num_features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.backbone(x)))
+
+
+@register_method
+class Baseline(BackboneMethod):
+    name = "baseline"
+    Config = BaselineConfig
+
+    def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
+        return LinearClassifier(self.config.backbone, in_channels, n_classes, image_size, self.config.dropout)
+
+    def loss_fn(self, n_classes: int):
+        smoothing = self.config.label_smoothing
+
+        def loss(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+            return nn.functional.cross_entropy(model(batch["image"]).float(), batch["label"], label_smoothing=smoothing)
+
+        return loss
+
+    def scorer(self, model: nn.Module, classes: list[str], calibration: dict, device: torch.device,
+               **options: Any) -> LabelScorer:
+        model.eval().to(device)
+
+        def forward(x: torch.Tensor) -> LabelOutput:
+            return LabelOutput(probs=torch.softmax(model(x).float(), 1), nfe=torch.ones(len(x), dtype=torch.long))
+
+        return LabelScorer(classes, forward, device, calibration, logit_fn=model)
+
+    def calibrate(self, model: nn.Module, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
+                  device: torch.device) -> dict:
+        return calibrate_label_scorer(self.scorer(model, classes, {}, device), images, labels)
