@@ -140,3 +140,28 @@ def test_hub_weights_offline_fail_fast_with_a_hint(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MedclfError, match="--encoder-weights PATH"):
         create_encoder("test_resnet", 1, 32, pretrained=True)
+
+
+def test_eval_on_corrupted_images(baseline_run, ct32_cache, capsys):
+    rc = run_app(app, ["eval", "--model", str(baseline_run), "--data", str(ct32_cache), "--json", "--bootstrap", "0"])
+    clean = json.loads(capsys.readouterr().out)
+    rc2 = run_app(app, ["eval", "--model", str(baseline_run), "--data", str(ct32_cache), "--json", "--bootstrap", "0",
+                        "--corrupt", "noise:0.3"])
+    noisy = json.loads(capsys.readouterr().out)
+    assert rc == rc2 == 0 and noisy["corruption"] == "noise:0.3" and clean["corruption"] is None
+    assert noisy["n"] == clean["n"] and noisy["ece"] != clean["ece"]
+    assert run_app(app, ["eval", "--model", str(baseline_run), "--data", str(ct32_cache), "--corrupt", "fog"]) == 1
+    assert "unknown corruption" in capsys.readouterr().err
+
+
+def test_label_fraction_trains_on_a_stratified_share(ct32_cache):
+    from medclf.data.dataset import CacheDataset
+    from medclf.training.finetune import label_subset
+
+    ds = CacheDataset(ct32_cache, split="train", labelled_only=True)
+    sub = label_subset(ds, 0.1, seed=0)
+    y = ds.targets[sub.indices]
+    assert abs(len(sub) - 0.1 * len(ds)) <= 2 and set(y) == set(ds.targets)
+    assert sub.indices == label_subset(ds, 0.1, seed=0).indices != label_subset(ds, 0.1, seed=1).indices
+    with pytest.raises(MedclfError):
+        label_subset(ds, 0.0, seed=0)

@@ -23,6 +23,8 @@ def eval_cmd(
     sampler: Sampler = None,
     diffusion_steps: DiffusionSteps = None,
     samples: Samples = None,
+    corrupt: Annotated[Optional[str], typer.Option(help="Score corrupted images: noise|blur|contrast[:SEVERITY] "
+                                                         "(noise std 0.1, blur sigma 1 px, contrast x0.5 by default).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
@@ -40,11 +42,21 @@ def eval_cmd(
     progress = None
     if is_tty() and not as_json:
         progress = lambda d, n: err.print(f"\reval: {d}/{n}", end="", highlight=False)  # noqa: E731
-    res = score_split(scorer, cache, split, progress=progress)
+    transform = None
+    if corrupt:
+        from medclf.evaluation.corruptions import corruption
+
+        name, _, sev = corrupt.partition(":")
+        try:
+            severity = float(sev) if sev else None
+        except ValueError:
+            raise MedclfError(f"--corrupt {corrupt!r}: severity {sev!r} is not a number") from None
+        transform = corruption(name, severity)
+    res = score_split(scorer, cache, split, progress=progress, transform=transform)
     if progress:
         err.print()
     m = classification_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap, pred=res["pred"])
-    m.update({"split": split, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "model": str(run.path),
+    m.update({"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "model": str(run.path),
               "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"],
               "images_per_s": len(res["y"]) / max(res["seconds"], 1e-9)})
     if report:

@@ -30,6 +30,7 @@ def finetune_cmd(
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 500,
     trials: Annotated[Optional[int], typer.Option(min=1, help="diffusion-classifier: default scoring trials recorded with the run.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    label_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Train on this seeded, class-stratified share of the train labels.")] = 1.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     amp: Annotated[str, typer.Option(help="auto | bf16 | fp16 | off (CUDA only).")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="DataLoader workers.")] = 0,
@@ -50,7 +51,8 @@ def finetune_cmd(
     if image_size is not None and image_size != info.shape[1]:
         raise MedclfError(f"--image-size {image_size} differs from the cache's {info.shape[1]}: re-ingest with --size {image_size}", cache)
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay,
-                       checkpoint_every=checkpoint_every, seed=seed, device=device, amp=amp, num_workers=workers)
+                       checkpoint_every=checkpoint_every, seed=seed, device=device, amp=amp, num_workers=workers,
+                       label_fraction=label_fraction)
     options = {"arch": arch, "model_size": model_size, "trials": trials, "backbone": backbone, "pretrained": pretrained,
                "encoder_weights": str(encoder_weights) if encoder_weights else None}
     options = get_method(method).parse_options({k: v for k, v in options.items() if v is not None}, sets or [])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medclf.data.cache import CacheInfo, open_cache
+from medclf.data.cache import CacheInfo, open_cache, to_unit_float
 from medclf.errors import MedclfError
 
 
@@ -48,8 +48,10 @@ def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> C
     return open_cache(res.cache)
 
 
-def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None) -> dict:
-    """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds."""
+def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None, transform=None) -> dict:
+    """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds.
+
+    ``transform`` maps a (B, C, H, W) float batch in [0, 1] to another (e.g. a corruption)."""
     from medclf.data.dataset import CacheDataset
 
     ds = CacheDataset(cache, split=split, labelled_only=True)
@@ -60,7 +62,10 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
     t0 = time.perf_counter()
     for s in range(0, len(ds), batch_size):
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
-        p = scorer.predict(torch.stack([it["image"] for it in items]))
+        x = torch.stack([it["image"] for it in items])
+        if transform is not None:
+            x = transform(to_unit_float(x)).clamp(0, 1)
+        p = scorer.predict(x)
         ys += [it["label"] for it in items]
         ids += [it["id"] for it in items]
         probs.append(p.probs.numpy())

@@ -25,6 +25,22 @@ def _val_tensors(cache, max_items: int = 512) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
 
 
+def label_subset(ds, fraction: float, seed: int):
+    """A seeded, class-stratified share of a labelled dataset (at least one item per class): label-scarce studies."""
+    import numpy as np
+    from torch.utils.data import Subset
+
+    if not 0 < fraction <= 1:
+        raise MedclfError(f"--label-fraction {fraction} must be in (0, 1]")
+    y = ds.targets
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep += rng.permutation(idx)[: max(1, int(round(fraction * len(idx))))].tolist()
+    return Subset(ds, sorted(keep))
+
+
 def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_options: dict, train_cfg: TrainConfig,
              resume: bool = False, progress: ProgressFn | None = None, calibrate: bool = True) -> dict:
     """Train ``method_name`` on the cache's train split; calibrate on its val split; write the run.
@@ -55,6 +71,8 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
     train_ds = CacheDataset(cache, split="train", labelled_only=True)
     if len(train_ds) == 0:
         raise MedclfError("the cache's train split has no labelled items", cache.path)
+    if train_cfg.label_fraction < 1.0:
+        train_ds = label_subset(train_ds, train_cfg.label_fraction, train_cfg.seed)
     C, H, W = cache.shape
     torch.manual_seed(train_cfg.seed)
     model = method.build(C, len(cache.classes), H)

@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"  #: auto | cpu | cuda
     amp: str = "auto"  #: auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
     num_workers: int = 0  #: DataLoader workers
+    label_fraction: float = 1.0  #: train on this seeded, class-stratified share of the labelled train split
 
 
 LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
