@@ -18,6 +18,7 @@ source files are read once before every timed run so both run with a warm page c
 Cache read (the cache medclf just wrote, page cache warm for all rows):
   raw       every shard file opened and read() whole, and np.fromfile (the faster is the reference)
   dataset   ``CacheDataset``: ``ds[i]`` for every item; and a ``DataLoader(batch_size=64, num_workers=0)``
+            with ``medclf.data.collate`` (what training uses); torch's default collate for reference
 MB/s counts the shard bytes on disk (int16 fixed point; float16 before format 2) for every row.
 
 Goals (the issue): medclf ingest >= 2x the baseline's files/s with the same workers; cache read
@@ -250,7 +251,7 @@ def main() -> int:
     import torch
     from monai.transforms import LoadImage  # noqa: F401  (imported before forking, as medclf is)
 
-    from medclf.data import CacheDataset, open_cache
+    from medclf.data import CacheDataset, collate, open_cache
     from medclf.data.ingest import IngestConfig, ingest  # noqa: F401
     from medclf.synthetic import make_rsna_tree
 
@@ -312,13 +313,18 @@ def main() -> int:
                 ds[i]
 
         def ds_loader():
+            for _ in torch.utils.data.DataLoader(CacheDataset(info), batch_size=64, num_workers=0, collate_fn=collate):
+                pass
+
+        def ds_loader_default():
             for _ in torch.utils.data.DataLoader(CacheDataset(info), batch_size=64, num_workers=0):
                 pass
 
         probe = CacheDataset(info)[0]["image"]
         reads = {"raw: open + read() per shard": best_of(raw_read), "raw: np.fromfile per shard": best_of(raw_fromfile),
                  "CacheDataset: ds[i] for every item": best_of(ds_index),
-                 "CacheDataset: DataLoader(batch 64, 0 workers)": best_of(ds_loader)}
+                 "CacheDataset: DataLoader(batch 64, 0 workers)": best_of(ds_loader),
+                 "  same, torch's default_collate (reference)": best_of(ds_loader_default)}
         t_raw = min(reads["raw: open + read() per shard"], reads["raw: np.fromfile per shard"])
         ratio_idx = t_raw / reads["CacheDataset: ds[i] for every item"]
         ratio_dl = t_raw / reads["CacheDataset: DataLoader(batch 64, 0 workers)"]

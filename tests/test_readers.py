@@ -557,3 +557,21 @@ def test_too_small_and_nonfinite_images_are_refused(tmp_path, ct_writer):
     Image.fromarray(np.array([[np.nan] * 8] * 8, np.float32)).save(tmp_path / "nan.tif")
     with pytest.raises(ReadError, match="NaN"):
         preprocess(read_image(tmp_path / "nan.tif"), PreprocessConfig(size=16))
+
+
+@pytest.mark.parametrize("f, size", [(2, 32), (3, 16), (4, 8)])
+def test_integer_factor_resize_equals_pillow(f, size):
+    """The box-mean fast path (ingest's 512 -> 256) gives Pillow's own result with reducing_gap=1.0."""
+    from PIL import Image
+
+    from medclf.preprocessing import _resize_planes
+
+    x = np.random.default_rng(f).random((2, 3, size * f, size * f)).astype(np.float32)
+    fast = _resize_planes(x, size, True, 0.0, reducing_gap=1.0)
+    ref = np.stack([[np.asarray(Image.fromarray(p, mode="F").resize((size, size), Image.BILINEAR, reducing_gap=1.0))
+                     for p in planes] for planes in x])
+    assert fast.shape == ref.shape == (2, 3, size, size)
+    np.testing.assert_allclose(fast, ref, atol=1e-6)
+    # without a reducing gap Pillow resamples with a wider filter: the fast path must not be taken
+    plain = _resize_planes(x, size, True, 0.0, reducing_gap=None)
+    assert np.abs(plain - ref).max() > 1e-3

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from medclf.data.cache import CacheInfo, open_cache, to_unit_float
 
-__all__ = ["CacheDataset", "CacheInfo", "open_cache", "to_unit_float", "ingest", "IngestConfig", "IngestResult"]
+__all__ = ["CacheDataset", "collate", "CacheInfo", "open_cache", "to_unit_float", "ingest", "IngestConfig", "IngestResult"]
 
 
 def __getattr__(name: str):
-    if name == "CacheDataset":
-        from medclf.data.dataset import CacheDataset
+    if name in ("CacheDataset", "collate"):
+        from medclf.data import dataset as _dataset
 
-        return CacheDataset
+        return getattr(_dataset, name)
     if name in ("ingest", "IngestConfig", "IngestResult"):
         from medclf.data import ingest as _ingest
 

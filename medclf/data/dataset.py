@@ -68,6 +68,23 @@ class CacheDataset(Dataset):
         state["_maps"] = {}
         return state
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A DataLoader batch read straight into one array: one copy per image instead of two."""
+        if self.transform is not None or self.dtype != torch.int16 or not indices:
+            return [self[i] for i in indices]
+        first = self._index[indices[0]]
+        shape = self._shard(first[0]).shape[1:]
+        batch = np.empty((len(indices), *shape), dtype=np.int16)
+        for j, i in enumerate(indices):
+            shard, offset, _, _ = self._index[i]
+            m = self._maps.get(shard)
+            batch[j] = (m if m is not None else self._shard(shard))[offset]
+        images = torch.from_numpy(batch)
+        out = _Batch({"image": images[j], "label": self._index[i][2], "labels": torch.from_numpy(self._labels[i]),
+                      "index": i, "id": self._index[i][3]} for j, i in enumerate(indices))
+        out.images = images
+        return out
+
     def __getitem__(self, i: int) -> dict:
         shard, offset, label, item_id = self._index[i]
         m = self._maps.get(shard)
@@ -79,3 +96,28 @@ class CacheDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "label": label, "labels": torch.from_numpy(self._labels[i]), "index": i, "id": item_id}
+
+
+class _Batch(list):
+    """``__getitems__``'s result: the per-item dicts (views into one batch array, so torch's default
+    collate still works) plus that array, which ``collate`` hands on without copying again."""
+
+    images: torch.Tensor
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch ``CacheDataset`` items (the ``collate_fn`` for a DataLoader over the cache).
+
+    Stacks with numpy, a single-threaded copy: ``torch.stack`` (what the default collate calls)
+    splits even a 25 MB int16 copy over OpenMP threads, which spin when another process holds a
+    core; on the 2-core machines here that made a batch of 64 256-px images take 0.5-0.8 s instead
+    of ~10 ms (measured with other jobs running).
+    """
+    image = items.images if isinstance(items, _Batch) else torch.from_numpy(np.stack([it["image"].numpy() for it in items]))
+    return {
+        "image": image,
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "labels": torch.from_numpy(np.stack([it["labels"].numpy() for it in items])),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "id": [it["id"] for it in items],
+    }

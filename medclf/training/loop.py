@@ -98,11 +98,10 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> 
 
 
 def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
-        "labels": torch.stack([it["labels"] for it in items]),
-    }
+    from medclf.data.dataset import collate
+
+    b = collate(items)
+    return {"image": b["image"], "label": b["label"], "labels": b["labels"]}
 
 
 def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig, run_dir: Path, resume: bool = False,
