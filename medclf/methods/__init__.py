@@ -1,7 +1,7 @@
 """Methods, one module each, registered by name (``--method``)."""
 
 from medclf.methods.base import METHODS, Method, register_method
-from medclf.methods import baseline, didicm, diffusion_classifier  # noqa: F401  (registers)
+from medclf.methods import baseline, didicm, diffmic, diffusion_classifier  # noqa: F401  (registers)
 
 __all__ = ["METHODS", "Method", "register_method", "get_method"]
 

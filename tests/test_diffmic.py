@@ -1,0 +1,212 @@
+"""DiffMIC: CARD's label diffusion, the DCG's ROI machinery, the MMD term, scoring and the acceptance run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medclf.errors import MedclfError
+from medclf.methods.diffmic import (DiffMIC, DiffMICConfig, alphas_cumprod, auto_cam_stride, auto_crop_size, card_ddim_step,
+                                    card_q_sample, crop_mask, ddim_timesteps, extract_crops, label_scores, mmd_rbf,
+                                    roi_corners)
+
+TINY = {"backbone": "test_resnet", "feature_dim": 64}
+
+
+# ------------------------------------------------------------------------------ diffusion maths
+def test_card_forward_process_moments_are_shifted_toward_the_prior():
+    ab = alphas_cumprod(1000, 1e-4, 0.02)
+    g = torch.Generator().manual_seed(0)
+    y0 = torch.tensor([[0.0, 1.0, 0.0]])
+    prior = torch.tensor([[0.6, 0.3, 0.1]])
+    n = 200_000
+    for t in (0, 250, 999):
+        a = ab[t].view(1, 1)
+        eps = torch.randn(n, 3, generator=g)
+        y_t = card_q_sample(y0.expand(n, 3), prior.expand(n, 3), a.expand(n, 1), eps)
+        mean = a.sqrt() * y0 + (1 - a.sqrt()) * prior
+        assert torch.allclose(y_t.mean(0), mean[0], atol=0.01), (t, y_t.mean(0), mean)
+        assert torch.allclose(y_t.var(0), (1 - a[0]).expand(3), rtol=0.02, atol=1e-6), (t, y_t.var(0))
+    # at T the label is forgotten: y_T ~ N(prior, I), which is where inference starts
+    assert float(ab[999].sqrt()) < 0.01 and float(ab[0]) > 0.999
+
+
+def test_ddim_step_is_monai_ddim_on_the_shifted_label_and_exact_for_a_perfect_denoiser():
+    from monai.networks.schedulers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+    sched.set_timesteps(10)
+    ab = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(1)
+    prior, y_t, eps = torch.rand(5, 2, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    # MONAI's step from t=900 goes to 900 - 1000 // 10 = 800; same pair here, on z = y - prior
+    ref, ref0 = sched.step(eps, 900, y_t - prior)
+    mine, mine0 = card_ddim_step(y_t, eps, prior, ab[900], ab[800])
+    assert torch.allclose(mine - prior, ref, atol=1e-5) and torch.allclose(mine0 - prior, ref0, atol=1e-5)
+    # a denoiser that returns the true noise recovers y_0 from any t, along the whole respaced grid
+    y0 = torch.eye(2)[torch.tensor([0, 1, 1, 0, 1])]
+    e = torch.randn(5, 2, generator=g)
+    grid = ddim_timesteps(1000, 10)
+    assert grid[0] == 999 and grid[-1] == 0 and len(grid) == 10 and grid == sorted(grid, reverse=True)
+    y = card_q_sample(y0, prior, ab[999].view(1, 1), e)
+    for i, t in enumerate(grid):
+        true_eps = (y - prior - ab[t].sqrt() * (y0 - prior)) / (1 - ab[t]).sqrt()
+        a_prev = ab[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0)
+        y, _ = card_ddim_step(y, true_eps, prior, ab[t], a_prev, clip=True)
+    assert torch.allclose(y, y0, atol=1e-4)
+    # clipping keeps the y_0 estimate on [0, 1] whatever the (bad) noise estimate
+    _, y0_hat = card_ddim_step(y_t, 50 * eps, prior, ab[999], ab[888], clip=True)
+    assert y0_hat.min() >= 0 and y0_hat.max() <= 1
+    with pytest.raises(MedclfError, match="diffusion-steps"):
+        ddim_timesteps(1000, 0)
+
+
+def test_mmd_is_zero_for_identical_samples_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 2, generator=g)
+    assert float(mmd_rbf(x, x)) == pytest.approx(0.0, abs=1e-6)
+    same = float(mmd_rbf(x, torch.randn(64, 2, generator=g)))
+    small, big = float(mmd_rbf(x, x + 0.5)), float(mmd_rbf(x, x + 2.0))
+    assert 0 < small < big and same < small
+
+
+# ------------------------------------------------------------------------------ DCG: ROIs
+def test_roi_crops_lie_inside_the_image_at_the_saliency_peaks():
+    H = W = 32
+    sal = torch.zeros(2, H, W)
+    sal[0, 3:7, 20:24] = 1.0  # one blob near the top-right
+    sal[0, 25:28, 2:5] = 0.8  # a weaker one bottom-left
+    sal[1, 30:32, 30:32] = 1.0  # a peak in the corner: the window must stay inside
+    crop = auto_crop_size(32)
+    assert 8 <= crop <= 12 and auto_crop_size(224) == 32 and auto_crop_size(16) <= 16
+    assert [auto_cam_stride(s) for s in (16, 32, 64, 128, 224, 512)] == [8, 8, 8, 16, 32, 32]
+    corners = roi_corners(sal, crop, 4)
+    assert corners.shape == (2, 4, 2)
+    assert (corners >= 0).all() and (corners <= H - crop).all()
+    r, c = corners[0, 0].tolist()
+    assert r <= 3 and r + crop >= 7 and c <= 20 and c + crop >= 24  # the first crop covers the strongest blob
+    r, c = corners[0, 1].tolist()
+    assert r <= 25 and r + crop >= 28 and c <= 2 and c + crop >= 5  # the blob was masked: the next crop finds the other
+    assert corners[1, 0].tolist() == [H - crop, W - crop]
+    x = torch.arange(2 * 3 * H * W, dtype=torch.float32).view(2, 3, H, W)
+    crops = extract_crops(x, corners, crop)
+    assert crops.shape == (2, 4, 3, crop, crop)
+    for b in range(2):
+        for k in range(4):
+            r, c = corners[b, k].tolist()
+            assert torch.equal(crops[b, k], x[b, :, r : r + crop, c : c + crop])
+    roi = crop_mask(corners, torch.full((2, 4), 0.25), crop, (H, W))
+    assert roi.shape == (2, H, W) and roi.max() <= 1.0 + 1e-6 and roi[0, 5, 22] > 0 and roi[0, 16, 12] == 0
+
+
+def test_saliency_is_not_flat_for_two_mirrored_class_maps():
+    from medclf.methods.diffmic import DCG
+
+    d = torch.zeros(1, 8, 8)
+    d[0, 2, 5] = 3.0
+    cam = torch.cat([-d, d])[None]  # two classes, mirror images (what cross-entropy trains)
+    s = DCG.saliency(cam)
+    assert s.shape == (1, 8, 8) and s.min() == 0 and s.max() == 1 and s[0, 2, 5] == 1
+
+
+# ------------------------------------------------------------------------------ model, loss, scorer
+def test_model_shapes_loss_and_bit_for_bit_determinism():
+    m = DiffMIC(DiffMICConfig(**TINY))
+    net = m.build(1, 3, 32)
+    assert net.backbone is not None and net.dcg_net is None  # shared trunk by default
+    x = torch.rand(6, 1, 32, 32)
+    y0 = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]
+    out = net(x, y0, torch.tensor([0, 10, 500, 999, 3, 7]), torch.randn(6, 3))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (6, 3) for k in
+                                                           ("eps", "eps_global", "eps_local", "logits", "global_logits", "local_logits")}
+    loss = m.loss_fn(3)
+    batch = {"image": x, "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    torch.manual_seed(0)
+    net2 = m.build(1, 3, 32)
+    net2.load_state_dict(net.state_dict())
+    l1 = loss(net, batch, torch.Generator().manual_seed(5))
+    l2 = loss(net2, batch, torch.Generator().manual_seed(5))
+    assert torch.isfinite(l1) and torch.equal(l1, l2)
+    l1.backward()
+    # the prior enters the diffusion terms detached, but the DCG learns from its cross-entropy
+    assert net.dcg.cam_head.weight.grad is not None and net.dcg.local_head.weight.grad.abs().sum() > 0
+    assert net.head.out.weight.grad.abs().sum() > 0
+    # separate DCG trunk (the paper's layout) builds and runs too
+    sep = DiffMIC(DiffMICConfig(**TINY, dcg_backbone="test_resnet")).build(1, 2, 16)
+    assert sep.dcg_net is not None
+    assert sep(torch.rand(4, 1, 16, 16), torch.eye(2)[[0, 1, 0, 1]], torch.tensor([1, 2, 3, 4]), torch.randn(4, 2))["eps"].shape == (4, 2)
+
+
+def test_scorer_counts_nfe_returns_maps_and_ignores_foreign_options():
+    m = DiffMIC(DiffMICConfig(**TINY))
+    net = m.build(1, 2, 32).eval()
+    scorer = m.scorer(net, ["a", "b"], {}, torch.device("cpu"), samples=3, diffusion_steps=4, trials=99,
+                      decision="vote", sampler="cl")
+    x = torch.rand(5, 1, 32, 32)
+    p = scorer.predict(x, explain=True)
+    assert (p.nfe == 3 * 4 + 1).all()
+    assert torch.allclose(p.probs.sum(1), torch.ones(5), atol=1e-5)
+    assert {"spread", "disagreement", "entropy", "margin"} <= set(p.uncertainty)
+    assert p.extras["votes"].shape == (5, 2) and p.extras["prior"].shape == (5, 2)
+    for k in ("evidence", "saliency", "roi"):
+        assert p.maps[k].shape == (5, 32, 32) and torch.isfinite(p.maps[k]).all()
+    assert p.maps["saliency"].min() >= 0 and p.maps["saliency"].max() <= 1
+    assert torch.equal(scorer.predict(x).probs, p.probs)  # seeded: deterministic
+    assert (m.scorer(net, ["a", "b"], {}, torch.device("cpu")).predict(x).nfe == 16 * 10 + 1).all()
+    with pytest.raises(MedclfError, match="samples"):
+        m.scorer(net, ["a", "b"], {}, torch.device("cpu"), samples=0)
+    s = label_scores(torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]))
+    assert s["spread"][0] == 0 and s["spread"][1] > 0 and s["disagreement"].tolist() == [0.0, 0.5]
+
+
+# ------------------------------------------------------------------------------ acceptance
+@pytest.fixture(scope="module")
+def diffmic_run(ct32_cache, tmp_path_factory) -> tuple[Path, float]:
+    from medclf.training.finetune import finetune
+    from medclf.training.loop import TrainConfig
+
+    out = tmp_path_factory.mktemp("runs") / "diffmic"
+    t0 = time.perf_counter()
+    finetune(ct32_cache, "diffmic", out, {"backbone": "test_resnet"},
+             TrainConfig(steps=200, batch_size=32, lr=1e-3, warmup_steps=10, ema_decay=0.95, checkpoint_every=200,
+                         log_every=50, seed=0))
+    return out, time.perf_counter() - t0
+
+
+def test_diffmic_beats_chance_on_held_out_slices(diffmic_run, ct32_cache):
+    from medclf.data.cache import open_cache
+    from medclf.evaluation.evaluate import score_split
+    from medclf.evaluation.metrics import classification_metrics
+    from medclf.inference import load_scorer
+
+    run_dir, seconds = diffmic_run
+    run, scorer, _ = load_scorer(run_dir, "cpu")
+    res = score_split(scorer, open_cache(ct32_cache), "test")
+    m = classification_metrics(res["y"], res["probs"], run.classes, n_bootstrap=0, pred=res["pred"])
+    print(f"diffmic test: bacc {m['balanced_accuracy']:.3f} auroc {m['auroc_macro']:.3f} "
+          f"acc {m['accuracy']:.3f} n={len(res['y'])} train {seconds:.0f}s")
+    assert m["auroc_macro"] >= 0.8, m
+    assert m["balanced_accuracy"] >= 0.7, m
+    assert (res["nfe"] == 16 * 10 + 1).all()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["method"] == "diffmic" and cfg["method_config"]["samples"] == 16
+    assert cfg["calibration"]["fitted_on"] > 0
+
+
+def test_diffmic_run_loads_with_options_and_explains(diffmic_run, ct32_cache):
+    from medclf.data.cache import open_cache
+    from medclf.data.dataset import CacheDataset
+    from medclf.inference import load_scorer
+
+    _, scorer, _ = load_scorer(diffmic_run[0], "cpu", samples=4, diffusion_steps=5)
+    ds = CacheDataset(open_cache(ct32_cache), split="test", labelled_only=True)
+    x = torch.stack([ds[i]["image"] for i in range(6)])
+    p = scorer.predict(x, explain=True)
+    assert p.maps["evidence"].shape == (6, 32, 32) and p.maps["evidence"].abs().sum() > 0
+    assert (p.nfe == 4 * 5 + 1).all()
+    assert torch.equal(scorer.predict(x, explain=True).maps["evidence"], p.maps["evidence"])
