@@ -97,7 +97,7 @@ def _concat(preds: list[Prediction]) -> Prediction:
 
 
 def rows(scored: Scored, classes: list[str]) -> list[dict]:
-    """One output row per slice (one for a 2-D image)."""
+    """One output row per slice (one for a 2-D image). Multi-label runs predict a list of findings."""
     p = scored.prediction
     out = []
     n = len(p.pred)
@@ -105,8 +105,10 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
         row = {"input": scored.source}
         if n > 1:
             row["slice"] = s
+        pred = ([c for c, on in zip(classes, p.pred[s].tolist()) if on] if p.pred.ndim == 2
+                else classes[int(p.pred[s])])
         row.update({
-            "prediction": classes[int(p.pred[s])],
+            "prediction": pred,
             "probabilities": {c: round(float(p.probs[s, k]), 6) for k, c in enumerate(classes)},
             "uncertainty": {k: round(float(v[s]), 6) for k, v in p.uncertainty.items()},
             **{name: {c: round(float(v[s, k]), 6) for k, c in enumerate(classes)} for name, v in p.extras.items()},

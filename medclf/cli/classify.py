@@ -13,6 +13,11 @@ from medclf.cli._common import Adaptive, Budget, Decision, DiffusionSteps, Sampl
 from medclf.errors import ExitCode
 
 
+def _pred_text(pred) -> str:
+    """A class name, or a multi-label run's findings joined by ';' ('none' when no label is on)."""
+    return pred if isinstance(pred, str) else (";".join(pred) or "none")
+
+
 def _headline(unc: dict) -> str:
     """The uncertainty shown in the table: vote entropy for the diffusion classifier, else entropy."""
     for key in ("vote_entropy", "entropy"):
@@ -63,7 +68,7 @@ def classify_cmd(
                 if writer is None:
                     writer = csv.writer(sys.stdout)
                     writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"], "nfe"])
-                writer.writerow([r["input"], r.get("slice", ""), r["prediction"], *r["probabilities"].values(),
+                writer.writerow([r["input"], r.get("slice", ""), _pred_text(r["prediction"]), *r["probabilities"].values(),
                                  *r["uncertainty"].values(), r["nfe"]])
                 sys.stdout.flush()
             else:
@@ -75,7 +80,7 @@ def classify_cmd(
         for col in ["input", "slice", "prediction", *classes, "uncertainty", "NFE"]:
             t.add_column(col, overflow="fold")
         for r in table_rows:
-            t.add_row(r["input"], str(r.get("slice", "")), r["prediction"], *[f"{v:.3f}" for v in r["probabilities"].values()],
+            t.add_row(r["input"], str(r.get("slice", "")), _pred_text(r["prediction"]), *[f"{v:.3f}" for v in r["probabilities"].values()],
                       _headline(r["uncertainty"]), str(r["nfe"]))
         out.print(t)
     if failed:

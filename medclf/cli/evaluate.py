@@ -15,7 +15,7 @@ def eval_cmd(
     model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
     dataset: Annotated[str, typer.Option(help="Dataset name (an ingest --dataset, or auto).")] = "auto",
     data: Annotated[Optional[Path], typer.Option(help="A cache, or a raw dataset root (default: $MEDCLF_DATA/NAME).")] = None,
-    split: Annotated[str, typer.Option(help="train | val | test.")] = "test",
+    split: Annotated[str, typer.Option(help="train | val | test (--zero-shot: also joined, e.g. val+test).")] = "test",
     report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json and the PNG plots.")] = None,
     budget: Budget = None,
     adaptive: Adaptive = None,
@@ -28,6 +28,11 @@ def eval_cmd(
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Evaluate the run's frozen encoder (no fine-tuning): "
+                                                                 "classifiers fitted on the labelled train split.")] = False,
+    protocol: Annotated[Optional[list[str]], typer.Option(help="--zero-shot: knn | prototype | kmeans (repeatable; default all).")] = None,
+    baseline_encoder: Annotated[Optional[list[str]], typer.Option(help="--zero-shot: also evaluate [TIMM_NAME=]untrained|imagenet|PATH "
+                                                                        "(repeatable), side by side.")] = None,
 ) -> None:
     """Evaluate a run: accuracy, balanced accuracy, macro-F1, AUROC, ECE, Brier, confusion matrix."""
     from medclf.errors import MedclfError
@@ -35,10 +40,17 @@ def eval_cmd(
     from medclf.evaluation.evaluate import cache_for, data_root, score_split
     from medclf.inference import load_scorer
 
+    if zero_shot:
+        return _zero_shot(model, dataset, data, split, report, protocol, baseline_encoder, bootstrap, device, as_json)
+    if protocol or baseline_encoder:
+        raise MedclfError("--protocol and --baseline-encoder apply to --zero-shot evaluation only")
     run, scorer, _ = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
     cache = cache_for(run.config, dataset, data_root(dataset, data))
-    if cache.classes != run.classes:
-        raise MedclfError(f"the data's classes {cache.classes} differ from the model's {run.classes}", cache.path)
+    multilabel = run.config.get("task") == "multilabel"
+    data_classes = cache.label_names if multilabel else cache.classes
+    if data_classes != run.classes:
+        raise MedclfError(f"the data's {'labels' if multilabel else 'classes'} {data_classes} differ from the model's "
+                          f"{run.classes}", cache.path)
     progress = None
     if is_tty() and not as_json:
         progress = lambda d, n: err.print(f"\reval: {d}/{n}", end="", highlight=False)  # noqa: E731
@@ -55,6 +67,8 @@ def eval_cmd(
     res = score_split(scorer, cache, split, progress=progress, transform=transform)
     if progress:
         err.print()
+    if multilabel:
+        return _multilabel(run, cache, split, corrupt, res, bootstrap, report, as_json)
     m = classification_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap, pred=res["pred"])
     m.update({"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "model": str(run.path),
               "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"],
@@ -79,3 +93,67 @@ def eval_cmd(
     out.print("confusion (rows true, cols predicted): " + json.dumps(m["confusion_matrix"]), highlight=False)
     if report:
         out.print(f"report: {report}", highlight=False)
+
+
+def _multilabel(run, cache, split, corrupt, res, bootstrap, report, as_json) -> None:
+    """Per-label metrics of a multi-label run (CheXpert's observations): AUROC, accuracy/F1 at 0.5, ECE, Brier."""
+    from medclf.evaluation import multilabel_metrics, write_multilabel_report
+
+    m = multilabel_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap)
+    m.update({"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
+              "model": str(run.path), "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"]})
+    if report:
+        write_multilabel_report(report, m, res["y"], res["probs"], run.classes, title=f"{run.path.name} on {split}")
+    if as_json:
+        out.print_json(json.dumps(m, default=float))
+        return
+    from rich.table import Table
+
+    ci = (m.get("ci95") or {}).get("auroc_macro")
+    macro = "n/a" if m["auroc_macro"] is None else f"{m['auroc_macro']:.4f}"
+    t = Table(title=f"{run.path.name} on {cache.path.name}/{split}  (n={m['n']}, multi-label; macro AUROC {macro}"
+                    + (f", 95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ")"), title_justify="left")
+    for col in ("label", "n", "positives", "AUROC", "accuracy", "F1", "ECE", "Brier"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for name, e in m["per_label"].items():
+        t.add_row(name, str(e["n"]), str(e["positives"]),
+                  *("n/a" if e[k] is None else f"{e[k]:.4f}" for k in ("auroc", "accuracy", "f1", "ece", "brier")))
+    out.print(t)
+    if report:
+        out.print(f"report: {report}", highlight=False)
+
+
+def _zero_shot(model, dataset, data, split, report, protocols, baselines, bootstrap, device, as_json) -> None:
+    """``eval --zero-shot``: the library embeds and classifies; this prints one row per (encoder, protocol)."""
+    from medclf.atomic import atomic_write_text
+    from medclf.evaluation.evaluate import cache_for, data_root
+    from medclf.evaluation.zeroshot import PROTOCOLS, ZeroShotConfig, baseline_encoder, run_encoder, zero_shot
+    from medclf.training.loop import resolve_device
+    from medclf.training.run import resolve_model
+
+    dev = resolve_device(device)
+    run, enc = run_encoder(resolve_model(model))
+    cache = cache_for(run.config, dataset, data_root(dataset, data))
+    encoders = [(f"{run.path.name} ({enc.name})", enc)] + [baseline_encoder(b, run.config) for b in baselines or []]
+    rep = zero_shot(encoders, cache, split, protocols or PROTOCOLS, ZeroShotConfig(n_bootstrap=bootstrap), dev,
+                    shape=run.config["shape"])
+    rep["model"] = str(run.path)
+    if report:
+        report.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(report / "zeroshot.json", json.dumps(rep, indent=1, default=float))
+    if as_json:
+        out.print_json(json.dumps(rep, default=float))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"zero-shot on {cache.path.name}/{split} (n={rep['n_eval']}; reference: "
+                    f"{rep['reference_split']}, n={rep['n_reference']})", title_justify="left")
+    for col in ("encoder", "protocol", "accuracy", "balanced acc", "macro-F1", "AUROC"):
+        t.add_column(col, justify="left" if col in ("encoder", "protocol") else "right")
+    for r in rep["results"]:
+        t.add_row(r["encoder"], r["protocol"], *("n/a" if r[k] is None else f"{r[k]:.4f}"
+                                                  for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro")))
+    out.print(t)
+    out.print(f"protocol: {rep['protocol']}", highlight=False, soft_wrap=True)
+    if report:
+        out.print(f"report: {report / 'zeroshot.json'}", highlight=False)

@@ -45,6 +45,9 @@ def explain_cmd(
     from medclf.inference import expand_inputs, load_scorer, score_inputs
 
     run, scorer, pre = load_scorer(model, device, **scorer_options(budget, False, None, sampler, diffusion_steps, samples))
+    if run.config.get("task") == "multilabel":
+        raise MedclfError("explain needs a single-label run (an evidence map contrasts the predicted class with the "
+                          "runner-up); this run is multi-label", run.path)
     used: set[str] = set()
     failed = 0
     for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=8, explain=True):

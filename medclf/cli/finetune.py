@@ -20,6 +20,7 @@ def finetune_cmd(
     backbone: Annotated[Optional[str], typer.Option(help="baseline/diffmic/didicm: timm encoder (default resnet18).")] = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained", help="Start the backbone from timm's hub weights (online).")] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Start the backbone from a local weights file.")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start the backbone from a `medclf pretrain` run's encoder (sets --backbone).")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Any method option as KEY=VALUE (repeatable), e.g. --set mixup=0.2.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Must equal the cache's size (checked); kept for scripts.")] = None,
     steps: Annotated[int, typer.Option(min=1)] = 1000,
@@ -64,7 +65,7 @@ def finetune_cmd(
         with Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=err, transient=True) as bar:
             task = bar.add_task("train", total=steps, info="")
-            summary = finetune(cache, method, out_dir, options, tcfg, resume=resume,
+            summary = finetune(cache, method, out_dir, options, tcfg, resume=resume, init=init,
                                progress=lambda r: bar.update(task, completed=r["step"],
                                                              info=f"loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s"))
     else:
@@ -73,7 +74,7 @@ def finetune_cmd(
         def cb(r: dict) -> None:
             if show and (r["step"] % every < 10 or r["step"] == steps):
                 err.print(f"step {r['step']}/{steps}  loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s", highlight=False)
-        summary = finetune(cache, method, out_dir, options, tcfg, resume=resume, progress=cb)
+        summary = finetune(cache, method, out_dir, options, tcfg, resume=resume, init=init, progress=cb)
     if rank != 0:
         return
     if as_json:

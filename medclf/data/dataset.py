@@ -20,16 +20,19 @@ class CacheDataset(Dataset):
     ``medclf.data.to_unit_float``, as the training loop does; ``dtype=torch.float32`` returns [0, 1]
     floats instead (slower). ``label`` is the primary class index or -1 when the
     item has none; ``labels`` is the multi-label vector with NaN where a target is missing/ignored.
-    Shards are memory-mapped lazily in each process (a memmap must not be pickled into workers).
+    ``labelled_only`` keeps items with a primary label, or with ``multilabel`` items with at least one
+    known target. Shards are memory-mapped lazily in each process (a memmap must not be pickled into workers).
     """
 
     def __init__(self, cache: str | Path | CacheInfo, split: str | None = None, transform: Callable | None = None,
-                 labelled_only: bool = False, dtype: torch.dtype = torch.int16):
+                 labelled_only: bool = False, dtype: torch.dtype = torch.int16, multilabel: bool = False):
         self.info = cache if isinstance(cache, CacheInfo) else open_cache(cache)
         items = self.info.items
         if split is not None:
             items = [it for it in items if it.get("split") == split]
-        if labelled_only:
+        if labelled_only and multilabel:  # at least one known target in the label vector
+            items = [it for it in items if any(v is not None for v in it.get("labels") or [])]
+        elif labelled_only:
             items = [it for it in items if it.get("label") is not None]
         self.items = items
         self.transform = transform

@@ -51,10 +51,13 @@ def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> C
 def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None, transform=None) -> dict:
     """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds.
 
+    Multi-label scorers: y is (N, L) with NaN for unknown targets, pred (N, L) 0/1.
+
     ``transform`` maps a (B, C, H, W) float batch in [0, 1] to another (e.g. a corruption)."""
     from medclf.data.dataset import CacheDataset
 
-    ds = CacheDataset(cache, split=split, labelled_only=True)
+    multilabel = bool(getattr(scorer, "multilabel", False))
+    ds = CacheDataset(cache, split=split, labelled_only=True, multilabel=multilabel)
     if len(ds) == 0:
         raise MedclfError(f"split {split!r} has no labelled items", cache.path)
     ys, probs, preds, nfe, ids = [], [], [], [], []
@@ -66,7 +69,7 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
         if transform is not None:
             x = transform(to_unit_float(x)).clamp(0, 1)
         p = scorer.predict(x)
-        ys += [it["label"] for it in items]
+        ys += [it["labels"].numpy() if multilabel else it["label"] for it in items]
         ids += [it["id"] for it in items]
         probs.append(p.probs.numpy())
         preds.append(p.pred.numpy())

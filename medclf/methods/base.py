@@ -20,6 +20,10 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    #: can train on a multi-label cache (independent binary labels, e.g. CheXpert's 14 observations)
+    supports_multilabel: ClassVar[bool] = False
+    #: "single" (one class per image) or "multilabel"; set by finetune / load_model from the data/run
+    task: str = "single"
 
     def __init__(self, config: Any):
         self.config = config

@@ -63,14 +63,28 @@ class LinearClassifier(nn.Module):
 
 @register_method
 class Baseline(BackboneMethod):
+    """Single-label: softmax + cross-entropy. Multi-label caches (CheXpert): one sigmoid per label and
+    binary cross-entropy over the known targets only (NaN = blank/ignored-uncertain is masked)."""
+
     name = "baseline"
     Config = BaselineConfig
+    supports_multilabel = True
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
         return LinearClassifier(self.config.backbone, in_channels, n_classes, image_size, self.config.dropout)
 
     def loss_fn(self, n_classes: int):
         smoothing = self.config.label_smoothing
+
+        if self.task == "multilabel":
+            def loss(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+                y = batch["labels"]
+                known = ~torch.isnan(y)
+                target = torch.nan_to_num(y) * (1 - smoothing) + 0.5 * smoothing
+                per = nn.functional.binary_cross_entropy_with_logits(model(batch["image"]).float(), target, reduction="none")
+                return (per * known).sum() / known.sum().clamp_min(1)
+
+            return loss
 
         def loss(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
             return nn.functional.cross_entropy(model(batch["image"]).float(), batch["label"], label_smoothing=smoothing)
@@ -81,6 +95,12 @@ class Baseline(BackboneMethod):
                **options: Any) -> LabelScorer:
         model.eval().to(device)
 
+        if self.task == "multilabel":
+            def forward(x: torch.Tensor) -> LabelOutput:
+                return LabelOutput(probs=torch.sigmoid(model(x).float()), nfe=torch.ones(len(x), dtype=torch.long))
+
+            return LabelScorer(classes, forward, device, calibration, logit_fn=model, multilabel=True)
+
         def forward(x: torch.Tensor) -> LabelOutput:
             return LabelOutput(probs=torch.softmax(model(x).float(), 1), nfe=torch.ones(len(x), dtype=torch.long))
 
@@ -88,4 +108,4 @@ class Baseline(BackboneMethod):
 
     def calibrate(self, model: nn.Module, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
                   device: torch.device) -> dict:
-        return calibrate_label_scorer(self.scorer(model, classes, {}, device), images, labels)
+        return calibrate_label_scorer(self.scorer(model, classes, {}, device), images, labels)  # multi-label: per label

@@ -41,6 +41,16 @@ def calibrated(probs: torch.Tensor, calibration: dict | None) -> torch.Tensor:
     return torch.softmax(z, dim=-1).to(probs.dtype)
 
 
+def calibrated_multilabel(probs: torch.Tensor, calibration: dict | None) -> torch.Tensor:
+    """sigmoid(logit p_l / T_l): one temperature per label (``calibration["temperatures"]``)."""
+    ts = (calibration or {}).get("temperatures")
+    if not ts:
+        return probs
+    p = probs.double().clamp(1e-8, 1 - 1e-8)
+    z = (p / (1 - p)).log() / torch.tensor(ts, dtype=torch.float64, device=probs.device)
+    return torch.sigmoid(z).to(probs.dtype)
+
+
 def margin(p: torch.Tensor) -> torch.Tensor:
     """1 - (top1 - top2): 0 for a sure call, 1 for a tie."""
     top = p.topk(min(2, p.shape[1]), dim=1).values
@@ -75,12 +85,13 @@ class LabelScorer:
     """``Scorer`` over a method's label sampler; see the module docstring."""
 
     def __init__(self, classes: list[str], forward: Forward, device: torch.device, calibration: dict | None = None,
-                 logit_fn: LogitFn | None = None):
+                 logit_fn: LogitFn | None = None, multilabel: bool = False):
         self.classes = list(classes)
         self.forward = forward
         self.device = device
         self.calibration = calibration or {}
         self.logit_fn = logit_fn
+        self.multilabel = multilabel  #: probs are independent per label; pred is (B, L) 0/1 at 0.5
 
     @torch.no_grad()
     def raw(self, images: torch.Tensor) -> LabelOutput:
@@ -89,6 +100,11 @@ class LabelScorer:
     def predict(self, images: torch.Tensor, explain: bool = False) -> Prediction:
         images = to_unit_float(images.to(self.device))
         out = self.raw(images)
+        if self.multilabel:
+            probs = calibrated_multilabel(out.probs, self.calibration).cpu()
+            h = -(probs * probs.clamp_min(1e-12).log2() + (1 - probs) * (1 - probs).clamp_min(1e-12).log2())
+            return Prediction(probs=probs, pred=(probs >= 0.5).long(), uncertainty={"entropy": h.mean(1)},
+                              nfe=out.nfe.cpu().long(), extras={}, maps=None)
         probs = calibrated(out.probs, self.calibration).cpu()
         pred = probs.argmax(1)
         unc = {"entropy": entropy(probs), "margin": margin(probs)}
@@ -114,4 +130,14 @@ def calibrate_label_scorer(scorer: LabelScorer, images: torch.Tensor, labels: to
     from medclf.scoring.base import fit_temperature
 
     probs = torch.cat([scorer.raw(images[i : i + batch]).probs.cpu() for i in range(0, len(images), batch)])
+    if scorer.multilabel:  # labels (N, L) with NaN where unknown: a temperature per label, on its known items
+        p = probs.double().clamp(1e-8, 1 - 1e-8)
+        z = (p / (1 - p)).log()
+        temps = []
+        for j in range(z.shape[1]):
+            known = ~torch.isnan(labels[:, j])
+            y = labels[known, j].long()
+            ok = known.sum() >= 2 and len(torch.unique(y)) == 2
+            temps.append(fit_temperature(torch.stack([torch.zeros_like(z[known, j]), z[known, j]], 1), y) if ok else 1.0)
+        return {"temperatures": temps, "fitted_on": int(len(labels))}
     return {"temperature": fit_temperature(probs.double().clamp_min(1e-8).log(), labels), "fitted_on": int(len(labels))}
