@@ -39,7 +39,7 @@ class DiffusionClassifierConfig:
     trials: int = 64
     decision: str = "posterior"  #: posterior | vote | mean (see medclf.scoring.denoising)
     adaptive: bool = True
-    prune_z: float = 2.0
+    prune_z: float = 1.8  #: see medclf.scoring.denoising.ScoringConfig
     chunk: int = 64
 
 

@@ -32,7 +32,7 @@ class ScoringConfig:
     trials: int = 64  #: (t, eps) pairs per image at full budget
     decision: str = "posterior"  #: posterior (argmax of the calibrated probabilities) | vote (Favero et al.) | mean (Li et al.)
     adaptive: bool = True  #: spend trials in stages and prune decided classes
-    prune_z: float = 2.0  #: prune a class when its mean paired log-error excess is this many standard errors > 0
+    prune_z: float = 1.8  #: prune a class when its mean paired log-error excess is this many standard errors > 0 (1.8: 26% of the full NFE at full accuracy on the demo UNet, 501 trials; 2.0: 33%)
     min_trials: int = 4  #: first stage; stages then double (4, 8, 16, ... trials), so decided images stop early
     t_range: tuple[float, float] = (0.02, 0.98)  #: fraction of the schedule covered by the t grid
     chunk: int = 64  #: network evaluations per forward pass (64 is fastest for small nets on CPU)
