@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import BAD_DICOM_REASONS, SAMPLE, write_bad_dicom
+from conftest import BAD_DICOM_REASONS, SAMPLE, write_bad_dicom, write_ct
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
@@ -133,6 +133,34 @@ def test_ct_matches_pydicoms_modality_lut():
         img = read_image(pydicom_file(name))
         assert img.kind == "hu", name
         assert np.array_equal(img.array[0, :, :, 0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32)), name
+
+
+@pytest.mark.parametrize("signed, bits, words", [
+    (True, 12, [0x0FFB, 0xFFFB, 0x07FF, 0x0800, 0, 5]),  # 12-bit two's complement, high bits clear or set
+    (True, 16, [-1024, 0, 3071, -32768, 32767, 7]),
+    (False, 12, [0, 4095, 1024, 2048, 1, 7]),
+    (False, 12, [0x1000, 0xF0FF, 5, 0, 1, 2]),  # unused high bits set: pydicom's decoder decides
+    (False, 16, [0, 65535, 1024, 1, 2, 3]),
+    (True, 10, [0x3FF, 0x200, 0x1FF, 0, 1, 0xFE00]),
+])
+def test_native_fast_path_equals_pydicom(tmp_path, signed, bits, words, monkeypatch):
+    """Uncompressed 16-bit-allocated slices skip pydicom's decoder: the values must be pydicom's own."""
+    import medclf.io.dicom as dicom
+
+    stored = np.array(words, dtype=np.int64).reshape(2, 3)
+    stored = (stored & 0xFFFF).astype(np.uint16)
+    path = write_ct(tmp_path / "s.dcm", stored.view(np.int16) if signed else stored, signed=signed, bits=bits, intercept=0.0)
+    ds = pydicom.dcmread(path)
+    fast = dicom._native_16bit(ds, ds.file_meta.TransferSyntaxUID)
+    ref = ds.pixel_array
+    if fast is None:  # fell back: the reader must then give pydicom's values
+        assert not signed and int(stored.max()) >= 1 << bits
+    else:
+        assert fast.dtype == ref.dtype and np.array_equal(fast, ref), (fast, ref)
+    monkeypatch.setattr(dicom, "_native_16bit", lambda ds, ts: None)
+    slow = read_image(path).array
+    monkeypatch.undo()
+    assert np.array_equal(read_image(path).array, slow)
 
 
 # ------------------------------------------------------------------------ pydicom's test files

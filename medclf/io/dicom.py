@@ -186,21 +186,30 @@ def _native_16bit(ds, ts) -> np.ndarray | None:
     """Uncompressed single-frame 16-bit greyscale (most CT): the pixels are the buffer itself.
 
     pydicom's generic decoding pipeline costs ~1.5 ms per 512x512 slice, a third of ingest's read
-    time; this path is a view of the bytes. Anything else (compressed, 12 bits stored, multi-frame,
-    colour) goes through pydicom.
+    time; this path is a view of the bytes. BitsStored < 16 (12-bit CT) is handled as pydicom does:
+    signed values are sign-extended from the stored bit width; unsigned values are taken as they are
+    when no unused high bit is set, else pydicom decides. Anything else (compressed, 8/32 bits
+    allocated, multi-frame, colour) goes through pydicom.
     """
     if ts not in _NATIVE_LE or "PixelData" not in ds:
         return None
-    if (ds.get("BitsAllocated"), ds.get("BitsStored"), ds.get("SamplesPerPixel", 1)) != (16, 16, 1):
+    if ds.get("BitsAllocated") != 16 or ds.get("SamplesPerPixel", 1) != 1:
         return None
-    if int(ds.get("NumberOfFrames") or 1) != 1:
+    bits = int(ds.get("BitsStored") or 16)
+    if not 1 <= bits <= 16 or int(ds.get("NumberOfFrames") or 1) != 1:
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     buf = ds.PixelData
     if len(buf) < rows * cols * 2:
         return None  # let pydicom produce its truncation error
-    dtype = "<i2" if ds.get("PixelRepresentation", 0) == 1 else "<u2"
-    return np.frombuffer(buf, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    signed = ds.get("PixelRepresentation", 0) == 1
+    arr = np.frombuffer(buf, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+    if bits == 16:
+        return arr
+    if signed:  # two's complement in the low ``bits``: shift the sign bit to the top and back
+        shift = 16 - bits
+        return (arr << shift) >> shift
+    return arr if int(arr.max()) < (1 << bits) else None
 
 
 def _to_image(ds, path: Path) -> tuple[np.ndarray, str, dict]:
