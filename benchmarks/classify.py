@@ -1,6 +1,6 @@
 """Diffusion-classifier scoring cost: full budget vs adaptive budget vs a naive per-pair loop.
 
-    python benchmarks/classify.py [--model RUN --cache CACHE] [--trials 64] [--split test]
+    python benchmarks/classify.py [--model RUN --cache CACHE] [--trials 64] [--split test] [--repeat 3]
 
 Without --model it ingests sample_data/rsna at 32 px (brain window) and trains the demo's tiny
 MONAI-UNet diffusion classifier for --steps (CPU, ~3 min), so the whole comparison is measured in
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--arch", default="unet", help="unet (the demo's) | dit, when training here")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed passes per row, interleaved; the best is reported")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,24 +93,27 @@ def main() -> None:
     from medclf.scoring.denoising import ScoringConfig
 
     prune_z = args.prune_z if args.prune_z is not None else ScoringConfig().prune_z
-    rows = []
-    for name, adaptive in (("full", False), ("adaptive", True)):
-        _, scorer, _ = load_scorer(model, "cpu", trials=args.trials, adaptive=adaptive, decision="vote", prune_z=prune_z)
-        scorer.predict(x[:2])  # warm-up
-        t0 = time.perf_counter()
-        p = scorer.predict(x)
-        dt = time.perf_counter() - t0
-        rows.append((name, float(p.nfe.float().mean()), float((p.pred.numpy() == y).mean()), dt))
-    _, scorer, _ = load_scorer(model, "cpu", trials=args.trials, adaptive=False, decision="vote")
+    scorers = {name: load_scorer(model, "cpu", trials=args.trials, adaptive=adaptive, decision="vote", prune_z=prune_z)[1]
+               for name, adaptive in (("full", False), ("adaptive", True))}
+    for sc in scorers.values():
+        sc.predict(x[:2])  # warm-up
     xs, ys = x[: args.naive_images], y[: args.naive_images]
-    t0 = time.perf_counter()
-    pred, nfe = naive_predict(scorer, xs)
-    rows.append(("naive", nfe / len(xs), float((pred == ys).mean()), time.perf_counter() - t0, len(xs)))
-    rows[0] += (len(x),)
-    rows[1] += (len(x),)
+    best: dict[str, tuple] = {}
+    for _ in range(args.repeat):  # interleaved, best wall time of each: the machines here are shared and noisy
+        for name, sc in scorers.items():
+            t0 = time.perf_counter()
+            p = sc.predict(x)
+            dt = time.perf_counter() - t0
+            row = (name, float(p.nfe.float().mean()), float((p.pred.numpy() == y).mean()), dt, len(x))
+            best[name] = min(best.get(name, row), row, key=lambda r: r[3])
+        t0 = time.perf_counter()
+        pred, nfe = naive_predict(scorers["full"], xs)
+        row = ("naive", nfe / len(xs), float((pred == ys).mean()), time.perf_counter() - t0, len(xs))
+        best["naive"] = min(best.get("naive", row), row, key=lambda r: r[3])
+    rows = [best["full"], best["adaptive"], best["naive"]]
 
-    print(f"\n{len(x)} {args.split} images, {len(scorer.classes)} classes, {args.trials} trials, adaptive prune_z {prune_z}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"\n{len(x)} {args.split} images, {len(scorers['full'].classes)} classes, {args.trials} trials, adaptive prune_z {prune_z}, "
+          f"torch threads {torch.get_num_threads()}, best of {args.repeat} interleaved passes per row")
     print(f"{'scorer':<10}{'images':>7}{'NFE/image':>11}{'accuracy':>10}{'wall s':>9}{'ms/image':>10}")
     for name, nfe_i, acc, dt, n in rows:
         print(f"{name:<10}{n:>7}{nfe_i:>11.1f}{acc:>10.3f}{dt:>9.2f}{1000 * dt / n:>10.1f}")

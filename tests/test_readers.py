@@ -556,6 +556,23 @@ def test_png_8_and_16_bit(tmp_path):
     assert np.all(x[0, :, 0] == 0) and np.all(x[0, :, 11:] == 0)
 
 
+@pytest.mark.parametrize("orientation, bright", [(1, "right"), (6, "bottom"), (8, "top"), (3, "left")])
+def test_jpeg_exif_orientation_is_applied(tmp_path, orientation, bright):
+    """A camera JPEG stored sideways with an EXIF Orientation reads as a viewer shows it."""
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, 16:] = 255  # right half bright, as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "d.jpg", quality=100, exif=exif)
+    img = read_image(tmp_path / "d.jpg")
+    a = img.array[0, :, :, 0]
+    assert a.shape == ((16, 32) if orientation in (1, 3) else (32, 16))
+    halves = {"left": a[:, : a.shape[1] // 2], "right": a[:, a.shape[1] // 2 :],
+              "top": a[: a.shape[0] // 2], "bottom": a[a.shape[0] // 2 :]}
+    assert halves[bright].mean() > 200
+    assert img.meta.get("exif_orientation", 1) == orientation
+
+
 def test_jpeg_and_tiff(tmp_path):
     rng = np.random.default_rng(1)
     grey = np.kron(rng.integers(0, 256, (4, 4)), np.ones((8, 8))).astype(np.uint8)  # blocky: survives JPEG well

@@ -293,9 +293,10 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
         if _check_out(out, fp, cfg):
             manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
             return result_from_manifest(out, manifest, True, time.perf_counter() - t0)
-        (out / SHARDS).mkdir(parents=True, exist_ok=True)
         units = [_unit_dict(u) for u in plan.units]
+        # plan.json first: from then on the folder reads as an interrupted ingest (resumable), never as a stranger's
         atomic_write_text(out / STATE / "plan.json", json.dumps({"fingerprint": fp, "n_units": len(units)}))
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
         size = _shard_size(len(units))
         shards = [units[i : i + size] for i in range(0, len(units), size)]
         done_units = 0

@@ -17,11 +17,16 @@ def is_raster(path: Path) -> bool:
 
 
 def read_raster(path: Path) -> ImageData:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
+            # Cameras (dermoscopes too) store pixels as the sensor saw them and say how to turn them in
+            # EXIF Orientation; viewers apply it, so must we, or a model sees some images sideways.
+            orientation = im.getexif().get(0x0112, 1)
+            if orientation != 1:
+                im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32)
@@ -35,4 +40,6 @@ def read_raster(path: Path) -> ImageData:
         raise ReadError(f"not a readable image ({' '.join(str(e).split())[:120]})", path) from None
     # 8-bit greyscale photographs/radiographs already display as stored; keep the full range.
     meta = {"modality": "XC" if kind == "rgb" else "unknown", "mode": mode, "original_shape": [1, *arr.shape[:2]]}
+    if orientation != 1:
+        meta["exif_orientation"] = int(orientation)
     return ImageData(arr[None], kind, meta)
