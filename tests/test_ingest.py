@@ -193,6 +193,13 @@ def test_multiframe_dicomdir_and_series_sources(tmp_path, ct_writer):
         vals = [round(float(v[0].mean()) / SCALE, 3) for v in tensors(info).values()]
         assert vals == [0.5, 1.0, 0.0]  # z order 0, 5, 10 -> HU 40, 80, 0 -> brain 0.5, 1, 0
         assert {it["orientation"] for it in info.items} == {"PLS"} and all("affine" in it for it in info.items)
+        # an export's folders are patients/studies, not classes
+        assert info.classes == [] and all(it["label"] is None for it in info.items)
+    # the same when an export's folder is named after the patient (it must not become a class name)
+    shutil.copytree(tmp_path / "fs", tmp_path / "cd" / "DOE^JOHN")
+    shutil.move(tmp_path / "cd" / "DOE^JOHN" / "DICOMDIR", tmp_path / "cd" / "DICOMDIR")
+    cd = run_ingest(tmp_path / "cd", tmp_path / "c_cd", windows=["brain"])
+    assert "JOHN" not in (Path(cd.cache) / "manifest.json").read_text() and open_cache(cd.cache).classes == []
 
 
 def test_nifti_lps_and_ras_copies_ingest_alike(tmp_path):

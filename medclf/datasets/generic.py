@@ -107,6 +107,13 @@ class FolderDataset(Adapter):
                 continue
             files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
             dirs_only = bool(files) and all(len(p.relative_to(src).parts) > 1 for p in files if is_image_file(p))
+            if dirs_only and any(p.name.upper() == "DICOMDIR" for p in files):
+                # A media export (CD/DVD, PACS): its folders are patients/studies, often named after the
+                # patient, never classes, and a folder name must not carry a name into the manifest.
+                dirs_only = False
+                plan.notes.append(f"{src.name}: a DICOMDIR export, read as unlabeled (its folders are not classes)")
+            elif dirs_only and len({p.relative_to(src).parts[0] for p in files if is_image_file(p)}) < 2:
+                dirs_only = False  # one sub-folder is a container, not a class
             for p in files:
                 if p.name.upper() == "DICOMDIR":
                     continue  # its referenced files are found by the walk itself
