@@ -72,6 +72,7 @@ def test_table_summary_and_failed_files_on_stderr(rsna32):
     out, err = rsna32.table_run.stdout, rsna32.table_run.stderr
     assert out.splitlines()[0] == f"cache {rsna32.cache}  (up to date, nothing to do)"  # the path unbroken
     assert "haemorrhage" in out and "normal" in out and "321 inputs -> 320 items" in out
+    assert "checked in" in out and "files/s" not in out  # nothing was processed: no throughput to report
     assert f"failed: {SAMPLE / 'rsna' / 'stage_2_train' / 'ID_6431af929.dcm'}: truncated pixel data" in err
     assert "1 input(s) failed" in err and "errors.jsonl" in err
     assert "Traceback" not in err

@@ -321,6 +321,14 @@ def test_same_arguments_again_is_a_noop(rsna32):
     res = run_ingest(SAMPLE / "rsna", rsna32.cache, size=32, workers=1, resume=True)  # --resume on a complete cache
     assert res.up_to_date and snapshot(rsna32.cache) == before
     assert "up to date" in rsna32.table_run.stdout  # the CLI's second run said so
+    assert res.files_per_s is None and res.to_dict()["files_per_s"] is None
+
+
+def test_uncertain_policy_is_checked_and_noted_where_it_does_nothing(tmp_path):
+    with pytest.raises(MedclfError, match="unknown --uncertain policy 'sometimes'"):
+        run_ingest(SAMPLE / "isic", tmp_path / "c0", size=16, uncertain="sometimes")
+    res = run_ingest(SAMPLE / "isic", tmp_path / "c1", size=16, uncertain="ones")
+    assert any("--uncertain ones has no effect on isic" in n for n in res.notes)
 
 
 def test_other_arguments_into_the_same_out(tmp_path):

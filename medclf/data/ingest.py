@@ -30,6 +30,9 @@ from medclf.io import ImageData, read_dicom_series, read_image
 from medclf.preprocessing import PreprocessConfig, preprocess
 
 
+UNCERTAIN_POLICIES = ("mixed", "ones", "zeros", "ignore")
+
+
 @dataclass
 class IngestConfig:
     sources: list[Path]
@@ -63,8 +66,11 @@ class IngestResult:
     notes: list[str]
 
     @property
-    def files_per_s(self) -> float:
-        return self.n_units / self.seconds if self.seconds > 0 else float("nan")
+    def files_per_s(self) -> float | None:
+        """Inputs processed per second; None for an up-to-date cache (nothing was processed)."""
+        if self.up_to_date:
+            return None
+        return self.n_units / self.seconds if self.seconds > 0 else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -274,6 +280,8 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
     if out.exists() and not out.is_dir():
         raise MedclfError("--out exists and is not a folder", out)
     workers = cfg.workers or default_workers()
+    if cfg.uncertain not in UNCERTAIN_POLICIES:
+        raise MedclfError(f"unknown --uncertain policy {cfg.uncertain!r} ({', '.join(UNCERTAIN_POLICIES)})")
     adapter = get_adapter(cfg.dataset, sources)
     opts = AdapterOptions(labels=cfg.labels, uncertain=cfg.uncertain, seed=cfg.seed)
     if workers > 1:
@@ -287,6 +295,8 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
             return list(pool.map(fn, xs, chunksize=max(1, len(xs) // (workers * 8) or 1))) if pool else [fn(x) for x in xs]
 
         plan = adapter.plan(sources, opts, mapper)
+        if cfg.uncertain != "mixed" and "uncertain" not in plan.options:
+            plan.notes.append(f"--uncertain {cfg.uncertain} has no effect on {plan.dataset} (only CheXpert has uncertain labels)")
         pre = PreprocessConfig(size=cfg.size, windows=list(cfg.windows), intensity=cfg.intensity)
         pre.channels = _decide_channels(plan, cfg)
         fp = fingerprint(plan, cfg, pre)
