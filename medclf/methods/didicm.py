@@ -44,7 +44,7 @@ class DiDiCMConfig(BackboneConfig):
     noise_draws: int = 4  #: (t, c_t) draws per image and step: the head re-runs on the trunk's features (variance, not cost)
     mixup: float = 0.0  #: Beta(a, a) mixup of images and labels (0: off); on, the loss is the probability-vector form
     noise_eps: float = 1e-3  #: log-linear schedule: sigma(1) = -log(noise_eps)
-    sampling_eps: float = 1e-3  #: training times t ~ U(sampling_eps, 1) (SEDD)
+    sampling_eps: float = 1e-5  #: training times t ~ U(sampling_eps, 1): the samplers' end time, as DiDiCM's train.py (SEDD: 1e-3)
     end_time: float = 1e-5  #: samplers run t from 1 down to this (paper)
     sampler: str = "cp"  #: default sampler recorded with the run: cp | cl
     diffusion_steps: int = 8  #: default reverse steps
@@ -334,9 +334,14 @@ class DiDiCM(BackboneMethod):
                 probs = sample_cp(model, feats, o["steps"], c.noise_eps, c.end_time, o["cp_label"], g)
                 return LabelOutput(probs=probs, nfe=n)
             ends = sample_cl(model, feats, o["steps"], o["samples"], c.noise_eps, c.end_time, g)
-            shares = nn.functional.one_hot(ends, len(classes)).float().mean(1)
+            counts = nn.functional.one_hot(ends, len(classes)).float().sum(1)
+            shares = counts / o["samples"]
+            # Probabilities: the chain counts with a Jeffreys prior (+1/2 per class), so a class no chain
+            # reached gets a small probability instead of 0 (with 10 chains most classes end at 0, and a
+            # temperature fitted on log(0 -> 1e-8) would be set by that floor); the argmax is the same.
+            probs = (counts + 0.5) / (o["samples"] + 0.5 * len(classes))
             # disagreement: the share of chains that did not end at the most common class
-            return LabelOutput(probs=shares, nfe=n * o["samples"], uncertainty={"disagreement": 1 - shares.max(1).values})
+            return LabelOutput(probs=probs, nfe=n * o["samples"], uncertainty={"disagreement": 1 - shares.max(1).values})
 
         def logit_fn(x: torch.Tensor) -> torch.Tensor:
             # One differentiable call at the sampler's last time, conditioned on class 0: the scores are

@@ -349,9 +349,12 @@ class DiffMICNet(nn.Module):
     def forward(self, x: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training pass: eps_hat under the fused, global and local priors (one batch of 3B) + DCG logits.
 
-        The priors enter the diffusion terms detached: DiffMIC trains the DCG with its own optimiser on
-        cross-entropy only, so the noise loss never moves the guidance model; medclf does the same in
-        one optimiser by stopping the gradient.
+        The priors enter the diffusion terms detached, so the noise and MMD losses never move them
+        through y_hat. With the default shared trunk (``dcg_backbone=None``) the denoiser's image
+        features come from that same trunk undetached, so those losses do train it; DiffMIC's DCG is a
+        separate network trained on cross-entropy only (``--set dcg_backbone=NAME`` gives that).
+        Unlike DiffMIC there is no DCG warm-up: DCG and denoiser train jointly from step 0, and the
+        priors are computed with the trunk in training mode (batch statistics), as the rest of the pass.
         """
         d, feats = self.guidance(x)
         priors = [torch.softmax(d[k].float(), 1).detach() for k in ("logits", "global_logits", "local_logits")]
