@@ -215,6 +215,7 @@ def _metrics(run_path, cache, **options):
     ds = CacheDataset(open_cache(cache), split="test", labelled_only=True)
     raw = scorer.raw(torch.stack([ds[i]["image"] for i in range(len(ds))])).probs
     m["raw_balanced_accuracy"] = balanced_accuracy_score(res["y"], raw.argmax(1).numpy())
+    m["raw_probs"] = raw
     m["majority"] = max(np.bincount(res["y"])) / len(res["y"])
     return res, m
 
@@ -241,6 +242,11 @@ def test_didicm_cl_beats_chance_and_reports_chain_disagreement(didicm_run, ct32_
     assert (res["nfe"] == 80).all()
     d = res["uncertainty"]["disagreement"]
     assert ((d >= 0) & (d <= 0.5 + 1e-9)).all() and d.max() > 0  # binary: the minority share of 20 chains
+    # probabilities: chain counts with a Jeffreys prior, never exactly 0, same order as the counts
+    raw = m["raw_probs"].double().numpy()
+    counts = raw * (20 + 0.5 * 2) - 0.5  # (count + 1/2) / (chains + K/2), K = 2
+    assert (raw > 0).all() and np.allclose(counts, np.round(counts), atol=1e-4) and np.allclose(counts.sum(1), 20)
+    assert np.allclose(counts.max(1), 20 * (1 - d), atol=1e-4)  # the same chains the disagreement counts
 
 
 def test_didicm_scorer_options_nfe_determinism_and_evidence_map(didicm_run, ct32_cache):
