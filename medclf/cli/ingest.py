@@ -103,9 +103,9 @@ def _print_summary(r) -> None:
         t.add_row(split, *[str(per.get(c, 0)) for c in classes], str(sum(per.values())))
     out.print(t)
     mb = r.size_bytes / 1e6
+    speed = f"checked in {r.seconds:.1f} s" if r.up_to_date else f"{r.files_per_s or 0.0:.1f} files/s"
     out.print(f"dataset {r.dataset}  |  {r.n_units} inputs -> {r.n_items} items  |  failed {r.n_failed}  |  "
-              f"{mb:.1f} MB  |  {'checked in %.1f s' % r.seconds if r.up_to_date else '%.1f files/s' % (r.files_per_s or 0.0)}  |  "
-              f"fingerprint {r.fingerprint}", highlight=False, soft_wrap=True)
+              f"{mb:.1f} MB  |  {speed}  |  fingerprint {r.fingerprint}", highlight=False, soft_wrap=True)
     for n in r.notes:
         out.print(f"note: {n}", highlight=False)
     if r.n_failed:

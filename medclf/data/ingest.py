@@ -30,9 +30,6 @@ from medclf.io import ImageData, read_dicom_series, read_image
 from medclf.preprocessing import PreprocessConfig, preprocess
 
 
-UNCERTAIN_POLICIES = ("mixed", "ones", "zeros", "ignore")
-
-
 @dataclass
 class IngestConfig:
     sources: list[Path]
@@ -280,10 +277,8 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
     if out.exists() and not out.is_dir():
         raise MedclfError("--out exists and is not a folder", out)
     workers = cfg.workers or default_workers()
-    if cfg.uncertain not in UNCERTAIN_POLICIES:
-        raise MedclfError(f"unknown --uncertain policy {cfg.uncertain!r} ({', '.join(UNCERTAIN_POLICIES)})")
-    adapter = get_adapter(cfg.dataset, sources)
     opts = AdapterOptions(labels=cfg.labels, uncertain=cfg.uncertain, seed=cfg.seed)
+    adapter = get_adapter(cfg.dataset, sources)
     if workers > 1:
         # Import the readers once here: forked workers inherit them instead of each paying the import.
         import PIL.Image  # noqa: F401

@@ -44,11 +44,19 @@ class Plan:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  #: train/val/test for seeded splits
 
 
+UNCERTAIN_POLICIES = ("mixed", "ones", "zeros", "ignore")
+
+
 @dataclass
 class AdapterOptions:
     labels: Path | None = None  #: extra label CSV (path,label or id,label)
     uncertain: str = "mixed"  #: CheXpert -1 policy: ones | zeros | ignore | mixed
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # checked for every dataset, so a typo fails even where the policy would have no effect
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise MedclfError(f"unknown --uncertain policy {self.uncertain!r} ({', '.join(UNCERTAIN_POLICIES)})")
 
 
 Mapper = Callable[[Callable, list], list]  # a (possibly parallel) map used for header reads

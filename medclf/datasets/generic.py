@@ -106,21 +106,19 @@ class FolderDataset(Adapter):
                 found += [(src.parent, p, None) for p in cand]
                 continue
             files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
-            dirs_only = bool(files) and all(len(p.relative_to(src).parts) > 1 for p in files if is_image_file(p))
-            if dirs_only and any(p.name.upper() == "DICOMDIR" for p in files):
+            # a DICOMDIR's referenced files are found by the walk itself
+            dicomdirs = [p for p in files if p.name.upper() == "DICOMDIR"]
+            images = [p for p in files if p.name.upper() != "DICOMDIR" and is_image_file(p)]
+            skipped += len(files) - len(images) - len(dicomdirs)
+            tops = [p.relative_to(src).parts for p in images]
+            # one sub-folder per class: every image in a sub-folder, and at least two of them
+            dirs_only = bool(tops) and all(len(t) > 1 for t in tops) and len({t[0] for t in tops}) > 1
+            if dirs_only and dicomdirs:
                 # A media export (CD/DVD, PACS): its folders are patients/studies, often named after the
                 # patient, never classes, and a folder name must not carry a name into the manifest.
                 dirs_only = False
                 plan.notes.append(f"{src.name}: a DICOMDIR export, read as unlabeled (its folders are not classes)")
-            elif dirs_only and len({p.relative_to(src).parts[0] for p in files if is_image_file(p)}) < 2:
-                dirs_only = False  # one sub-folder is a container, not a class
-            for p in files:
-                if p.name.upper() == "DICOMDIR":
-                    continue  # its referenced files are found by the walk itself
-                if not is_image_file(p):
-                    skipped += 1
-                    continue
-                found.append((src, p, p.relative_to(src).parts[0] if dirs_only else None))
+            found += [(src, p, t[0] if dirs_only else None) for p, t in zip(images, tops)]
         if skipped:
             plan.notes.append(f"skipped {skipped} non-image file(s)")
         if not found:

@@ -131,8 +131,6 @@ class CheXpert(Adapter):
 
     def plan(self, sources: list[Path], opts: AdapterOptions, mapper: Mapper) -> Plan:
         root = single_root(sources, self.name)
-        if opts.uncertain not in ("ones", "zeros", "ignore", "mixed"):
-            raise MedclfError(f"unknown --uncertain policy {opts.uncertain!r} (ones, zeros, ignore, mixed)")
         plan = Plan(dataset=self.name, units=[], label_names=list(CHEXPERT_OBSERVATIONS), channels=1,
                     options={"uncertain": opts.uncertain}, split_fractions=(0.85, 0.15, 0.0))
         found_any = False

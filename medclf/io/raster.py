@@ -17,14 +17,14 @@ def is_raster(path: Path) -> bool:
 
 
 def read_raster(path: Path) -> ImageData:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
             # Cameras (dermoscopes too) store pixels as the sensor saw them and say how to turn them in
             # EXIF Orientation; viewers apply it, so must we, or a model sees some images sideways.
-            orientation = im.getexif().get(0x0112, 1)
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
             if orientation != 1:
                 im = ImageOps.exif_transpose(im)
             mode = im.mode
