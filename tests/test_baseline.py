@@ -134,6 +134,28 @@ def test_encoder_weights_from_a_local_file_and_channel_adaptation(tmp_path):
         create_encoder("test_resnet", 1, 32, weights=tmp_path / "bad.pth")
 
 
+def test_vit_on_small_images_gets_a_smaller_patch(tmp_path):
+    """A 16-px patch would leave a 32-px scan 2x2 tokens: the patch shrinks until the grid is >= 8 a side."""
+    import timm
+
+    from medclf.models.backbone import create_encoder, vit_patch_size
+
+    assert vit_patch_size("test_vit", 32) == 4 and vit_patch_size("test_vit", 64) == 8
+    assert vit_patch_size("test_vit", 128) is None  # 8x8 at its own patch 16: unchanged
+    assert vit_patch_size("vit_small_patch16_224", 100) == 10  # the largest patch that tiles 100 px into >= 8
+    assert vit_patch_size("vit_small_patch14_dinov2", 224) is None and vit_patch_size("test_resnet", 32) is None
+    enc = create_encoder("test_vit", 1, 32)
+    assert enc.patch_size == 4 and enc.feature_map(torch.rand(2, 1, 32, 32)).shape[-2:] == (8, 8)
+    assert create_encoder("test_vit", 1, 32, patch_size=8).patch_size == 8  # an explicit choice wins
+    assert create_encoder("test_resnet", 1, 32).patch_size is None
+    # weights made for the model's own patch (16 px, RGB) load, patch embedding resampled by timm
+    src = timm.create_model("test_vit", num_classes=0)
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    enc = create_encoder("test_vit", 1, 32, weights=tmp_path / "vit.pth")
+    assert enc.net.patch_embed.proj.weight.shape == (64, 1, 4, 4)
+    assert torch.equal(enc.net.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+
+
 def test_hub_weights_offline_fail_fast_with_a_hint(monkeypatch):
     from medclf.models.backbone import create_encoder
 

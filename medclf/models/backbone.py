@@ -13,6 +13,7 @@ a local file.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -25,6 +26,46 @@ from medclf.errors import MedclfError
 _SIZED = ("vit", "deit", "eva", "beit", "dinov", "test_vit", "swin", "maxvit", "coatnet", "mambaout")
 
 
+#: Fewest tokens a side a ViT should see; below it the patch is made smaller (see ``vit_patch_size``).
+MIN_TOKEN_GRID = 8
+_PATCHABLE = ("timm.models.vision_transformer", "timm.models.eva", "timm.models.deit")
+
+
+@functools.lru_cache(maxsize=None)
+def _native_patch(name: str) -> int | None:
+    """The patch side a timm ViT-family model is defined with (None for other trunks).
+
+    Read from a model built on the meta device (no memory, ~0.2 s once per name), because timm
+    keeps the default only in the constructor call, not in the registry.
+    """
+    import timm
+
+    with torch.device("meta"):
+        net = timm.create_model(name, pretrained=False, num_classes=0)
+    if type(net).__module__ not in _PATCHABLE or not hasattr(net, "patch_embed"):
+        return None
+    return int(net.patch_embed.patch_size[0])
+
+
+def vit_patch_size(name: str, image_size: int) -> int | None:
+    """Patch side for a ViT on ``image_size`` images: the model's own, unless that leaves fewer than
+    ``MIN_TOKEN_GRID`` tokens a side; then the largest smaller patch that tiles the image into at least
+    that many (None: not a ViT, or keep the model's own).
+
+    Why: a 16-px patch on a 32-px cache is a 2x2 grid, four tokens for the whole scan. Measured on the
+    32-px head-CT sample, timm's ``test_vit`` trained with labels reached test AUROC 0.38 at patch 16
+    (chance), 0.67 at 8 and 0.77 at 4. timm resamples pretrained patch embeddings to the new size
+    (FlexiViT-style) when loading hub or local weights.
+    """
+    native = _native_patch(name)
+    if native is None or image_size // native >= MIN_TOKEN_GRID:
+        return None
+    for p in range(min(native, image_size // MIN_TOKEN_GRID), 0, -1):
+        if image_size % p == 0:
+            return p
+    return None
+
+
 def _timm_create(name: str, in_chans: int, image_size: int, pretrained: bool, **kw) -> nn.Module:
     import timm
 
@@ -33,6 +74,8 @@ def _timm_create(name: str, in_chans: int, image_size: int, pretrained: bool, **
                           "vit_small_patch16_224, test_resnet)")
     if any(s in name for s in _SIZED):
         kw.setdefault("img_size", image_size)
+        if "patch_size" not in kw and (patch := vit_patch_size(name, image_size)) is not None:
+            kw["patch_size"] = patch
     if pretrained and not _hub_reachable():
         raise MedclfError(_OFFLINE.format(name=name))
     try:
@@ -74,6 +117,8 @@ class Encoder(nn.Module):
         self.name = name
         self.net = _timm_create(name, in_chans, image_size, pretrained, **kw)
         self.num_features = int(self.net.num_features)
+        pe = getattr(self.net, "patch_embed", None)
+        self.patch_size = int(pe.patch_size[0]) if pe is not None and hasattr(pe, "patch_size") else None  #: recorded in runs
         cfg = getattr(self.net, "pretrained_cfg", {}) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406)) if in_chans == 3 else (0.5,) * in_chans
         std = cfg.get("std", (0.229, 0.224, 0.225)) if in_chans == 3 else (0.25,) * in_chans

@@ -237,6 +237,7 @@ def pretrain(cache_path: str | Path, out: str | Path, cfg: PretrainConfig, train
         "method_config": asdict(cfg),
         "train": asdict(train_cfg),
         "encoder": {"name": cfg.encoder, "num_features": model.encoder.num_features, "in_chans": C, "image_size": H,
+                    "patch_size": model.encoder.patch_size,
                     "weights": ENCODER_WEIGHTS, **({} if resume else {"start": init})},
         "cache": str(cache.path),
         "cache_fingerprint": cache.fingerprint,
