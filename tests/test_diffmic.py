@@ -142,6 +142,20 @@ def test_model_shapes_loss_and_bit_for_bit_determinism():
     assert sep(torch.rand(4, 1, 16, 16), torch.eye(2)[[0, 1, 0, 1]], torch.tensor([1, 2, 3, 4]), torch.randn(4, 2))["eps"].shape == (4, 2)
 
 
+def test_dcg_warmup_trains_the_guidance_only_for_its_first_steps():
+    """``dcg_warmup_steps``: before it, the denoiser head gets no gradient and the DCG does; from it on, both."""
+    m = DiffMIC(DiffMICConfig(**TINY, dcg_warmup_steps=10))
+    torch.manual_seed(0)
+    net = m.build(1, 3, 32)
+    loss = m.loss_fn(3)
+    x, y = torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    for step, head_learns in ((0, False), (9, False), (10, True)):
+        net.zero_grad()
+        loss(net, {"image": x, "label": y, "step": step}, torch.Generator().manual_seed(5)).backward()
+        assert net.dcg.local_head.weight.grad.abs().sum() > 0, step
+        assert (net.head.out.weight.grad.abs().sum() > 0) == head_learns, step
+
+
 def test_scorer_counts_nfe_returns_maps_and_ignores_foreign_options():
     m = DiffMIC(DiffMICConfig(**TINY))
     net = m.build(1, 2, 32).eval()

@@ -57,6 +57,29 @@ def test_resume_is_bit_for_bit(tiny_cache, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_loss_sees_the_global_step_across_a_resume(tiny_cache, tmp_path):
+    """``batch["step"]`` (what DiffMIC's DCG warm-up reads) counts from 0 and continues after --resume."""
+    from medclf.data.dataset import CacheDataset
+    from medclf.training.loop import train
+
+    seen: list[int] = []
+    model = torch.nn.Linear(1, 1)
+
+    def loss(net, batch, g):
+        seen.append(batch["step"])
+        return net(batch["image"].mean((1, 2, 3))[:, None]).pow(2).mean()
+
+    def crash(rec):  # dies after step 6, past the step-5 checkpoint
+        if rec["step"] == 6:
+            raise KeyboardInterrupt
+
+    ds = CacheDataset(tiny_cache, split="train")
+    with pytest.raises(KeyboardInterrupt):
+        train(model, loss, ds, _cfg(8), tmp_path, progress=crash)
+    train(model, loss, ds, _cfg(8), tmp_path, resume=True)
+    assert seen == [0, 1, 2, 3, 4, 5] + [5, 6, 7]  # the step-5 checkpoint; the lost step 5 runs again
+
+
 def test_new_run_refuses_existing_checkpoints(tiny_cache, tmp_path):
     finetune(tiny_cache, "diffusion-classifier", tmp_path / "r", TINY, _cfg(5), calibrate=False)
     with pytest.raises(MedclfError):

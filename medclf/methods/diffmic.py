@@ -50,6 +50,7 @@ class DiffMICConfig(BackboneConfig):
     mmd_weight: float = 0.5  #: lambda of the dual-granularity MMD terms (the paper: 0.5)
     ce_weight: float = 1.0  #: weight of the DCG's cross-entropy on the fused prior
     branch_ce_weight: float = 0.5  #: extra CE on y_global and y_local each (each is a prior of its own in the MMD terms)
+    dcg_warmup_steps: int = 0  #: first steps train the DCG's cross-entropy only (DiffMIC pretrains the DCG first); 0 = joint from step 0
     # scoring defaults (``classify --samples/--diffusion-steps`` override them)
     samples: int = 16  #: label chains per image (CARD draws ~100 on GPU; 16 keeps CPU scoring quick)
     diffusion_steps: int = 10  #: DDIM steps over the respaced schedule (DiffMICv2: 10)
@@ -353,7 +354,7 @@ class DiffMICNet(nn.Module):
         through y_hat. With the default shared trunk (``dcg_backbone=None``) the denoiser's image
         features come from that same trunk undetached, so those losses do train it; DiffMIC's DCG is a
         separate network trained on cross-entropy only (``--set dcg_backbone=NAME`` gives that).
-        Unlike DiffMIC there is no DCG warm-up: DCG and denoiser train jointly from step 0, and the
+        By default there is no DCG warm-up (``dcg_warmup_steps`` adds one): DCG and denoiser train jointly from step 0, and the
         priors are computed with the trunk in training mode (batch statistics), as the rest of the pass.
         """
         d, feats = self.guidance(x)
@@ -448,7 +449,9 @@ class DiffMIC(BackboneMethod):
             mmd = mmd_rbf(eps, out["eps_global"]) + mmd_rbf(eps, out["eps_local"])
             ce = F.cross_entropy(out["logits"].float(), y)
             branch = F.cross_entropy(out["global_logits"].float(), y) + F.cross_entropy(out["local_logits"].float(), y)
-            return mse + c.mmd_weight * mmd + c.ce_weight * ce + c.branch_ce_weight * branch
+            # warm-up: the diffusion terms weigh 0 (not skipped, so DDP still sees every parameter used)
+            diffusion = 0.0 if batch.get("step", c.dcg_warmup_steps) < c.dcg_warmup_steps else 1.0
+            return diffusion * (mse + c.mmd_weight * mmd) + c.ce_weight * ce + c.branch_ce_weight * branch
 
         return loss
 

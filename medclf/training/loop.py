@@ -109,7 +109,8 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
     """Train ``model`` in place; return the EMA weights (a state dict) and write checkpoints to ``run_dir``.
 
     ``loss_fn(model, batch, generator)`` is the method's objective; every random draw inside it
-    must use ``generator`` so the run is reproducible and resumable.
+    must use ``generator`` so the run is reproducible and resumable. ``batch["step"]`` is the global
+    step (an int) for losses that change over training.
     """
     from timm.utils import ModelEmaV3
 
@@ -164,6 +165,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
             # images travel as stored (int16) and are scaled to [0, 1] on the device
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["image"] = to_unit_float(batch["image"])
+            batch["step"] = step  # for schedules inside a loss (DiffMIC's DCG warm-up); resumes with the run
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
