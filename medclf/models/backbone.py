@@ -40,8 +40,11 @@ def _native_patch(name: str) -> int | None:
     """
     import timm
 
-    with torch.device("meta"):
-        net = timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception:  # a model that cannot be built on meta: keep its own patch
+        return None
     if type(net).__module__ not in _PATCHABLE or not hasattr(net, "patch_embed"):
         return None
     return int(net.patch_embed.patch_size[0])
