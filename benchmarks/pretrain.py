@@ -61,8 +61,9 @@ def main() -> None:
     if cache is None:
         cache = tmp / "cache"
         ingest(IngestConfig(sources=[REPO / "sample_data" / "rsna"], out=cache, size=32, windows=["brain"], workers=1))
-    pool = cache
-    if args.unlabeled_patients:
+    pool = cache  # what the encoder is pretrained on
+    own_pool = bool(args.unlabeled_patients)
+    if own_pool:
         from medclf.synthetic import make_rsna_tree
 
         src = make_rsna_tree(tmp / "pool-src", n_patients=args.unlabeled_patients, size=64, seed=1000, corrupt=False)
@@ -77,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=20,
                            checkpoint_every=args.steps, log_every=10, ema_decay=0.99, seed=seed, device=args.device)
-        summary = pretrain(pool, run_dir, PretrainConfig(encoder=args.encoder, split="all" if pool != cache else "train"), tcfg)
+        summary = pretrain(pool, run_dir, PretrainConfig(encoder=args.encoder, split="all" if own_pool else "train"), tcfg)
         wall = time.perf_counter() - t0
         curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         check = summary["collapse_check"]
@@ -97,7 +98,7 @@ def main() -> None:
             rows.setdefault((r["encoder"], r["protocol"]), []).append(r)
 
     patch = run.config["encoder"].get("patch_size")
-    where = f"an unlabeled pool of {summary['n_train']} images" if pool != cache else f"{summary['n_train']} train images"
+    where = f"an unlabeled pool of {summary['n_train']} images" if own_pool else f"{summary['n_train']} train images"
     print(f"\npretraining: {args.encoder}{f' (patch {patch})' if patch else ''} + DiT-tiny, {where} at {run.config['shape']}, "
           f"{args.steps} steps x batch {args.batch_size} on {dev.type}, torch threads {torch.get_num_threads()}")
     print(f"{'seed':>4}{'samples/s':>11}{'wall s':>8}{'err with r':>12}{'null r':>9}{'gain':>8}{'spread':>9}")

@@ -120,8 +120,8 @@ class Encoder(nn.Module):
         self.name = name
         self.net = _timm_create(name, in_chans, image_size, pretrained, **kw)
         self.num_features = int(self.net.num_features)
-        pe = getattr(self.net, "patch_embed", None)
-        self.patch_size = int(pe.patch_size[0]) if pe is not None and hasattr(pe, "patch_size") else None  #: recorded in runs
+        patch = getattr(getattr(self.net, "patch_embed", None), "patch_size", None)
+        self.patch_size = int(patch[0]) if patch else None  #: recorded in runs
         cfg = getattr(self.net, "pretrained_cfg", {}) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406)) if in_chans == 3 else (0.5,) * in_chans
         std = cfg.get("std", (0.229, 0.224, 0.225)) if in_chans == 3 else (0.25,) * in_chans
