@@ -67,3 +67,35 @@ def make_medmnist(path: Path, rgb: bool = False, multilabel: bool = False) -> Pa
         arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 3)) if multilabel else rng.integers(0, 4, (n, 1))
     np.savez(path, **arrays)
     return path
+
+
+ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+
+
+def make_isic2019_digits_tree(root: Path, n_classes: int = 8, size: int = 64, shuffle_labels: bool = False) -> Path:
+    """scikit-learn's handwritten digits (real scans of real handwriting, 8x8 grey) as an ISIC 2019
+    archive: JPEGs upscaled to ``size`` in ISIC_2019_Training_Input, the one-hot ground-truth CSV with
+    its UNK column, the metadata CSV (lesion ids, some empty) and some ``_downsampled`` names, digit k
+    standing for the k-th diagnosis. ~180 images per class: the multi-class set of issue #17.
+    ``shuffle_labels``: a seeded permutation of the labels, so that they carry no signal."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = d.target < n_classes
+    images, target = d.images[keep], d.target[keep]
+    if shuffle_labels:
+        target = np.random.default_rng(0).permutation(target)
+    img_dir = root / "ISIC_2019_Training_Input"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    gt, meta = [], []
+    for i, (x, c) in enumerate(zip(images, target)):
+        name = f"ISIC_{i:07d}" + ("_downsampled" if i % 7 == 0 else "")
+        im = Image.fromarray((x / 16 * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+        im.save(img_dir / f"{name}.jpg", quality=95)
+        gt.append([name] + ["1.0" if k == c else "0.0" for k in range(len(ISIC2019_CLASSES))])
+        meta.append([name, "50", "back", f"IL_{i:07d}" if i % 3 else "", "male"])
+    with open(root / "ISIC_2019_Training_GroundTruth.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", *ISIC2019_CLASSES], *gt])
+    with open(root / "ISIC_2019_Training_Metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], *meta])
+    return root

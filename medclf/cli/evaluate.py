@@ -37,7 +37,7 @@ def eval_cmd(
     """Evaluate a run: accuracy, balanced accuracy, macro-F1, AUROC, ECE, Brier, confusion matrix."""
     from medclf.errors import MedclfError
     from medclf.evaluation import classification_metrics, write_report
-    from medclf.evaluation.evaluate import cache_for, data_root, score_split
+    from medclf.evaluation.evaluate import cache_for, calibration_warnings, data_root, score_split
     from medclf.inference import load_scorer
 
     if zero_shot:
@@ -73,6 +73,9 @@ def eval_cmd(
     m.update({"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "model": str(run.path),
               "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"],
               "images_per_s": len(res["y"]) / max(res["seconds"], 1e-9)})
+    m["warnings"] = calibration_warnings(run.config) + m["warnings"]
+    for w in m["warnings"]:
+        err.print(f"warning: {w}", highlight=False, soft_wrap=True)
     if report:
         write_report(report, m, res["y"], res["probs"], run.classes, title=f"{run.path.name} on {split}")
     if as_json:

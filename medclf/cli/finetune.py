@@ -77,6 +77,9 @@ def finetune_cmd(
         summary = finetune(cache, method, out_dir, options, tcfg, resume=resume, init=init, progress=cb)
     if rank != 0:
         return
+    health = (summary.get("calibration") or {}).get("health") or {}
+    for w in health.get("warnings", []):
+        err.print(f"warning: {w}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps(summary))
     else:

@@ -27,6 +27,13 @@ def data_root(dataset: str, data: str | Path | None) -> Path:
     return Path(root) / _PRESET_ROOTS.get(dataset, dataset)
 
 
+def calibration_warnings(run_config: dict) -> list[str]:
+    """The warnings ``finetune`` recorded when it calibrated the run (empty for runs from before them)."""
+    cal = run_config.get("calibration") or {}
+    health = cal.get("health") or {}
+    return [f"at calibration: {w}" for w in health.get("warnings", [])]
+
+
 def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> CacheInfo:
     """``path`` itself if it is a cache, else ingest it with the run's preprocessing into a cache
     under ``$MEDCLF_CACHE`` (default ~/.cache/medclf) named by dataset + preprocessing, which the

@@ -255,11 +255,34 @@ def classification_metrics(y_true, probs, class_names: Sequence[str], n_bootstra
         "reliability": bins,
         "n_bins": int(n_bins),
     }
+    out["warnings"] = degenerate_prediction_warnings(y, p, yhat, K)
     if n_bootstrap > 0:
         out["ci95"], out["bootstrap"] = bootstrap_ci(y, p, yhat, int(n_bootstrap), seed)
     else:
         out["ci95"], out["bootstrap"] = {}, {"resamples": 0, "auroc_resamples": 0, "seed": int(seed)}
     return out
+
+
+def degenerate_prediction_warnings(y: np.ndarray, p: np.ndarray, yhat: np.ndarray, n_classes: int) -> list[str]:
+    """Why this split's ECE/Brier say nothing good about the model, if they don't (issues #16/#17).
+
+    A model that calls one class for every image, or whose probabilities are all ~1/K, can have an
+    ECE near 0: its confidence matches its (chance) accuracy. Such a figure must not be read alone.
+    """
+    warnings = []
+    present = np.unique(y)
+    n_pred = len(np.unique(yhat))
+    rec = [float(np.mean(yhat[y == c] == c)) for c in present]
+    bal, chance = float(np.mean(rec)), 1.0 / max(len(present), 2)
+    margin = 2 * (chance * (1 - chance) / max(len(y), 1)) ** 0.5
+    if len(present) > 1 and (n_pred == 1 or bal <= chance + margin):
+        warnings.append(f"predictions are at chance (balanced accuracy {bal:.3f}, chance {chance:.3f}, {n_pred} of "
+                        f"{n_classes} classes ever predicted): ECE and Brier are not meaningful for this model")
+    conf = float(p.max(1).mean())
+    if conf - 1.0 / n_classes < 0.02 * (1 - 1.0 / n_classes):
+        warnings.append(f"every probability is ~1/{n_classes} (mean confidence {conf:.3f}): a near-zero ECE here "
+                        "means the model says nothing, not that it is calibrated")
+    return warnings
 
 
 # ------------------------------------------------------------------------------------- multi-label

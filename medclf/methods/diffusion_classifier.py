@@ -17,7 +17,7 @@ from torch import nn
 
 from medclf.data.cache import to_unit_float
 from medclf.methods.base import Method, register_method
-from medclf.scoring.base import fit_calibration
+from medclf.scoring.base import calibration_health, fit_calibration
 from medclf.scoring.denoising import DenoisingScorer, ScoringConfig
 
 #: name -> (channels, attention levels, res blocks, norm groups)
@@ -131,4 +131,5 @@ class DiffusionClassifier(Method):
         scorer = self.scorer(model, classes, {}, device)
         scores = torch.cat([scorer.mean_error_scores(to_unit_float(images[i : i + 32].to(device)) * 2 - 1).cpu()
                             for i in range(0, len(images), 32)])
-        return {**fit_calibration(scores, labels), "fitted_on": int(len(labels))}
+        cal = fit_calibration(scores, labels)
+        return {**cal, "fitted_on": int(len(labels)), "health": calibration_health(scores, labels, cal)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,7 +42,7 @@ def fit_temperature(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """
     scores = scores.double()
     labels = labels.long()
-    grid = torch.logspace(-6, 3, 400, dtype=torch.float64)
+    grid = torch.logspace(math.log10(T_BOUNDS[0]), math.log10(T_BOUNDS[1]), 400, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(scores / t, labels) for t in grid])
     i = int(torch.argmin(nll))
     lo, hi = grid[max(i - 1, 0)].log(), grid[min(i + 1, len(grid) - 1)].log()
@@ -73,3 +74,45 @@ def fit_calibration(scores: torch.Tensor, labels: torch.Tensor) -> dict:
     opt.step(closure)
     b = bias.detach() - bias.detach().mean()
     return {"temperature": float(log_t.detach().exp()), "bias": [float(v) for v in b]}
+
+
+#: the search range of ``fit_temperature``: a fit at either end means no temperature explained the data
+T_BOUNDS = (1e-6, 1e3)
+
+
+def calibration_health(scores: torch.Tensor, labels: torch.Tensor, cal: dict) -> dict:
+    """Whether a fitted calibration hides a model that learned nothing (issues #16/#17).
+
+    Temperature scaling is fitted by NLL, and on validation data the model cannot separate the NLL
+    optimum is the uniform distribution: T runs to its bound, every probability becomes 1/K, and ECE
+    then reads ~0 as if the model were perfectly calibrated. The three checks are scale-free (a
+    diffusion classifier's raw scores differ by ~1e-3, so a small T alone is normal there):
+    decisions at chance (balanced accuracy within 2 binomial SEs of 1/K, or one class for every
+    image), probabilities flattened to ~uniform, and T at the search bound.
+    Returns ``{"ok", "warnings", "val_balanced_accuracy", "chance", "mean_confidence"}``.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    scores, labels = scores.double(), labels.long()
+    k = scores.shape[1]
+    b = torch.tensor(cal.get("bias") or [0.0] * k, dtype=torch.float64)
+    t = float(cal.get("temperature", 1.0))
+    probs = torch.softmax(scores / t + b, dim=1)
+    pred = probs.argmax(1)
+    present = torch.unique(labels)
+    chance = 1.0 / max(len(present), 2)
+    bal = float(balanced_accuracy_score(labels.numpy(), pred.numpy()))
+    conf = float(probs.max(1).values.mean())
+    warnings = []
+    margin = 2 * (chance * (1 - chance) / max(len(labels), 1)) ** 0.5
+    if len(present) > 1 and (bal <= chance + margin or len(torch.unique(pred)) == 1):
+        warnings.append(f"validation decisions are at chance (balanced accuracy {bal:.3f}, chance {chance:.3f}, "
+                        f"{len(torch.unique(pred))} of {k} classes ever predicted): the model has not learned to "
+                        "separate the classes")
+    if conf - 1.0 / k < 0.02 * (1 - 1.0 / k):
+        warnings.append(f"calibration flattened every probability to ~1/{k} (mean confidence {conf:.3f}): "
+                        "ECE will look perfect while the model says nothing")
+    if not T_BOUNDS[0] * 1.01 < t < T_BOUNDS[1] / 1.01:
+        warnings.append(f"fitted temperature {t:.3g} is at the search bound: no temperature fits this model")
+    return {"ok": not warnings, "warnings": warnings, "val_balanced_accuracy": bal, "chance": chance,
+            "mean_confidence": conf}

@@ -127,17 +127,23 @@ def calibrate_label_scorer(scorer: LabelScorer, images: torch.Tensor, labels: to
     samplers such as few-step DiDiCM were flattened into calling the majority class for every
     image: balanced accuracy 0.83 -> 0.50.)
     """
-    from medclf.scoring.base import fit_temperature
+    from medclf.scoring.base import calibration_health, fit_temperature
 
     probs = torch.cat([scorer.raw(images[i : i + batch]).probs.cpu() for i in range(0, len(images), batch)])
     if scorer.multilabel:  # labels (N, L) with NaN where unknown: a temperature per label, on its known items
         p = probs.double().clamp(1e-8, 1 - 1e-8)
         z = (p / (1 - p)).log()
-        temps = []
-        for j in range(z.shape[1]):
+        temps, warnings = [], []
+        for j, name in enumerate(scorer.classes):
             known = ~torch.isnan(labels[:, j])
             y = labels[known, j].long()
-            ok = known.sum() >= 2 and len(torch.unique(y)) == 2
-            temps.append(fit_temperature(torch.stack([torch.zeros_like(z[known, j]), z[known, j]], 1), y) if ok else 1.0)
-        return {"temperatures": temps, "fitted_on": int(len(labels))}
-    return {"temperature": fit_temperature(probs.double().clamp_min(1e-8).log(), labels), "fitted_on": int(len(labels))}
+            if known.sum() < 2 or len(torch.unique(y)) != 2:
+                temps.append(1.0)
+                continue
+            logits = torch.stack([torch.zeros_like(z[known, j]), z[known, j]], 1)
+            temps.append(fit_temperature(logits, y))
+            warnings += [f"{name}: {w}" for w in calibration_health(logits, y, {"temperature": temps[-1]})["warnings"]]
+        return {"temperatures": temps, "fitted_on": int(len(labels)), "health": {"ok": not warnings, "warnings": warnings}}
+    logp = probs.double().clamp_min(1e-8).log()
+    cal = {"temperature": fit_temperature(logp, labels), "fitted_on": int(len(labels))}
+    return {**cal, "health": calibration_health(logp, labels, cal)}
