@@ -75,12 +75,12 @@ def test_labels_without_signal_are_flagged_by_finetune_and_eval(tmp_path):
     run_cli("ingest", tmp_path / "raw", "--dataset", "isic", "--size", "16", "--out", tmp_path / "cache", check_rc=0)
     ft = run_cli("finetune", tmp_path / "cache", "--method", "baseline", "--backbone", "test_resnet", "--out",
                  tmp_path / "run", "--steps", "60", "--batch-size", "32", "--seed", "0", check_rc=0)
-    assert "warning: validation decisions are at chance" in ft.stderr, ft.stderr
+    assert "warning: validation separation is at chance" in ft.stderr, ft.stderr
     health = json.loads((tmp_path / "run" / "config.json").read_text())["calibration"]["health"]
     assert not health["ok"] and health["warnings"]
     ev = run_cli("eval", "--model", tmp_path / "run", "--dataset", "isic", "--data", tmp_path / "cache",
                  "--report", tmp_path / "rep", "--bootstrap", "0", check_rc=0)
-    assert "warning: at calibration: validation decisions are at chance" in ev.stderr, ev.stderr
+    assert "warning: at calibration: validation separation is at chance" in ev.stderr, ev.stderr
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert any("at calibration" in w for w in metrics["warnings"])
 

@@ -88,7 +88,16 @@ _NPZ_CACHE: dict[str, object] = {}
 
 
 def _read_unit(u: dict) -> tuple[list[tuple[str, ImageData, int | None, list | None]], list[tuple[str, str]]]:
-    """A unit -> [(item id, image, label, labels)] and the per-file errors it survived."""
+    """A unit -> [(item id, image, label, labels)] and the per-file errors it survived.
+
+    Readers' warnings (pydicom's tolerated invalid values, converted lazily) go to the log, not stderr."""
+    from medclf.io.dicom import tolerated_warnings
+
+    with tolerated_warnings(u["paths"][0]):
+        return _read_unit_inner(u)
+
+
+def _read_unit_inner(u: dict) -> tuple[list[tuple[str, ImageData, int | None, list | None]], list[tuple[str, str]]]:
     if u["kind"] == "file":
         return [(u["key"], read_image(Path(u["paths"][0])), u["label"], u["labels"])], []
     if u["kind"] == "series":

@@ -269,14 +269,14 @@ def degenerate_prediction_warnings(y: np.ndarray, p: np.ndarray, yhat: np.ndarra
     A model that calls one class for every image, or whose probabilities are all ~1/K, can have an
     ECE near 0: its confidence matches its (chance) accuracy. Such a figure must not be read alone.
     """
+    from medclf.scoring.base import separation
+
     warnings = []
     present = np.unique(y)
     n_pred = len(np.unique(yhat))
-    rec = [float(np.mean(yhat[y == c] == c)) for c in present]
-    bal, chance = float(np.mean(rec)), 1.0 / max(len(present), 2)
-    margin = 2 * (chance * (1 - chance) / max(len(y), 1)) ** 0.5
-    if len(present) > 1 and (n_pred == 1 or bal <= chance + margin):
-        warnings.append(f"predictions are at chance (balanced accuracy {bal:.3f}, chance {chance:.3f}, {n_pred} of "
+    auc, at_chance = separation(y, p)
+    if len(present) > 1 and (n_pred == 1 or (auc is not None and auc <= at_chance)):
+        warnings.append(f"predictions are at chance (macro AUROC {auc:.3f}, chance level up to {at_chance:.3f}; {n_pred} of "
                         f"{n_classes} classes ever predicted): ECE and Brier are not meaningful for this model")
     conf = float(p.max(1).mean())
     if conf - 1.0 / n_classes < 0.02 * (1 - 1.0 / n_classes):

@@ -8,6 +8,9 @@ Compressed transfer syntaxes decode through the pylibjpeg plugins pydicom finds 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,10 @@ from medclf.io.image import ImageData
 from medclf.privacy import pseudonym
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+#: pydicom's warnings about what it tolerated (invalid VR values, implicit/explicit VR mix-ups) go
+#: here at DEBUG, naming the file, instead of raw on stderr: a hospital archive would print hundreds
+log = logging.getLogger("medclf.io.dicom")
 
 
 def is_dicom(path: Path) -> bool:
@@ -34,8 +41,6 @@ def is_dicom(path: Path) -> bool:
 
 
 def _dcmread(path: Path, header_only: bool = False):
-    import warnings
-
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -55,14 +60,31 @@ def _dcmread(path: Path, header_only: bool = False):
     for w in caught:
         if "End of file reached" in str(w.message):
             eof = True
-        else:  # everything else as pydicom meant it
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        else:  # what pydicom tolerated: to the log, with the file's name (never its values' owner)
+            _log_tolerated(w, path)
     if not header_only and "PixelData" not in ds:
         if eof:
             raise ReadError("truncated pixel data", path)
         if len(ds) == 0:
             raise ReadError("truncated file (no data set after the file meta information)", path)
     return ds
+
+
+def _log_tolerated(w: warnings.WarningMessage, path: Path) -> None:
+    """A pydicom warning to the DEBUG log, its quoted values masked: they can be a patient's name."""
+    import re
+
+    log.debug("%s: %s", path, re.sub(r"'[^']*'", "'…'", " ".join(str(w.message).split()))[:300])
+
+
+@contextlib.contextmanager
+def tolerated_warnings(path: Path | str):
+    """Route the warnings raised inside (pydicom converts many values lazily, on first access) to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        _log_tolerated(w, Path(path))
 
 
 def _short(e: Exception, n: int = 160) -> str:
@@ -87,18 +109,34 @@ def _first(v) -> float | None:
     return f[0] if f else None
 
 
+def _int(v, default: int) -> int:
+    """An IS/US value as an int, or ``default`` when absent or malformed (real archives carry IS
+    values such as '1A' that pydicom keeps as strings with a warning)."""
+    f = _first(v)
+    return int(f) if f is not None and np.isfinite(f) else default
+
+
 def header_summary(path: Path) -> dict:
-    """What series grouping needs from a header, with identifiers already pseudonymised."""
+    """What series grouping needs from a header, with identifiers already pseudonymised.
+
+    Any failure while reading the header costs this file only (a ReadError with the reason): series
+    planning runs over every header of a batch before any pixel is read, so one bad value must not
+    abort the batch (issue #11).
+    """
     ds = _dcmread(path, header_only=True)
-    return {
-        "series": pseudonym("series", ds.get("SeriesInstanceUID", str(path))),
-        "group": _group_key(ds, path),
-        "ipp": _floats(ds.get("ImagePositionPatient"), 3),
-        "iop": _floats(ds.get("ImageOrientationPatient"), 6),
-        "instance": int(ds.get("InstanceNumber") or 0),
-        "frames": int(ds.get("NumberOfFrames") or 1),
-        "shape": [int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)],
-    }
+    try:
+        with tolerated_warnings(path):
+            return {
+                "series": pseudonym("series", str(ds.get("SeriesInstanceUID") or path)),
+                "group": _group_key(ds, path),
+                "ipp": _floats(ds.get("ImagePositionPatient"), 3),
+                "iop": _floats(ds.get("ImageOrientationPatient"), 6),
+                "instance": _int(ds.get("InstanceNumber"), 0),
+                "frames": max(_int(ds.get("NumberOfFrames"), 1), 1),
+                "shape": [_int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)],
+            }
+    except Exception as e:  # a value pydicom parses lazily and cannot convert
+        raise ReadError(f"unreadable DICOM header ({type(e).__name__}: {_short(e)})", path) from None
 
 
 def _group_key(ds, path: Path) -> str:
@@ -164,7 +202,12 @@ def _decode(ds, path: Path) -> np.ndarray:
     if fast is not None:
         return fast
     try:
-        return ds.pixel_array
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = ds.pixel_array
+        for w in caught:
+            _log_tolerated(w, path)
+        return arr
     except NotImplementedError:
         raise ReadError(f"unsupported transfer syntax {ts} (no decoder installed)", path) from None
     except (ValueError, RuntimeError, AttributeError, KeyError, TypeError, IndexError, EOFError) as e:
@@ -327,9 +370,11 @@ def read_dicom_series(paths: list[Path]) -> tuple[ImageData, list[tuple[str, str
             meta["spacing"] = _spacing(ds)
         slices.append(arr)
         headers.append({"ipp": _floats(ds.get("ImagePositionPatient"), 3), "iop": _floats(ds.get("ImageOrientationPatient"), 6),
-                        "instance": int(ds.get("InstanceNumber") or 0)})
+                        "instance": _int(ds.get("InstanceNumber"), 0)})
     if not slices:
-        raise ReadError("no readable file in the series", paths[0] if paths else None)
+        reasons = sorted({r for _, r in errors})
+        raise ReadError(f"no readable file in the series of {len(paths)}: " + "; ".join(reasons)[:300],
+                        paths[0] if paths else None)
     order = order_series(headers)
     vol = np.concatenate([slices[i] for i in order], axis=0)
     hs = [headers[i] for i in order]
@@ -360,6 +405,8 @@ def _series_affine(headers: list[dict], spacing: list[float] | None) -> np.ndarr
     lps[:3, 1] = row_cos * dc  # moving along a row follows the row direction cosine
     lps[:3, 2] = step
     lps[:3, 3] = h0["ipp"]
+    if abs(np.linalg.det(lps[:3, :3])) < 1e-9:  # slices at one position (copies of one image): no geometry
+        return None
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
