@@ -519,11 +519,14 @@ def test_nifti_2d_4d_and_bad(tmp_path):
     _save_nifti(tmp_path / "t.nii", np.ones((8, 8, 3, 2), np.float32), np.eye(4))
     with pytest.raises(ReadError, match="unsupported NIfTI shape"):
         read_image(tmp_path / "t.nii")
-    d = np.zeros((4, 4, 4), np.float32)
-    d[1, 1, 1] = np.nan
+    d = np.full((4, 4, 4), 5.0, np.float32)
+    d[1, 1, 1], d[2, 2, 2], d[0, 0, 0] = np.nan, np.inf, 2.0
     _save_nifti(tmp_path / "nan.nii.gz", d, np.eye(4))
-    with pytest.raises(ReadError, match="NaN"):
-        read_image(tmp_path / "nan.nii.gz")
+    nan = read_image(tmp_path / "nan.nii.gz")  # NaN outside a resampled field of view: background, counted
+    assert np.isfinite(nan.array).all() and nan.array.min() == 2.0 and nan.meta["nonfinite_voxels"] == 2
+    _save_nifti(tmp_path / "allnan.nii.gz", np.full((4, 4, 4), np.nan, np.float32), np.eye(4))
+    with pytest.raises(ReadError, match="no finite voxel"):
+        read_image(tmp_path / "allnan.nii.gz")
     (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(ReadError, match="unreadable NIfTI"):
         read_image(tmp_path / "junk.nii.gz")

@@ -54,3 +54,25 @@ def test_whole_pydicom_data_corpus_ingests_without_abort(tmp_path):
     text = "".join(p.read_text(errors="ignore") for p in (tmp_path / "cache").glob("*.json*"))
     leaked = [n for n in _patient_names(files) if n in text]
     assert not leaked, leaked
+
+
+def test_nibabel_test_files_ingest_with_clear_reasons(tmp_path):
+    """Every NIfTI nibabel ships in its tests (NIfTI-1/2, CIFTI-2, resampled with NaN, 4-D)."""
+    import nibabel
+
+    data = Path(nibabel.__file__).parent / "tests" / "data"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    files = [Path(shutil.copy(f, raw / f.name)) for f in sorted(data.iterdir()) if f.is_file()]  # all of it
+    assert len([f for f in files if ".nii" in f.name]) >= 8
+    p = run_cli("ingest", raw, "--out", tmp_path / "cache", "--size", "32", "--workers", "1")
+    assert p.returncode in (0, 3) and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = {Path(json.loads(l)["path"]).name: json.loads(l)["reason"]
+              for l in (tmp_path / "cache" / "errors.jsonl").read_text().splitlines()}
+    assert not [r for r in errors.values() if "unexpected" in r], errors
+    assert "resampled_anat_moved.nii" not in errors  # NaN outside the field of view: background, not refused
+    items = [json.loads(l) for l in (tmp_path / "cache" / "items.jsonl").read_text().splitlines()]
+    assert any(it["source"] == "resampled_anat_moved.nii" and it.get("nonfinite_voxels") for it in items)
+    for name, reason in errors.items():
+        if ".dconn." in name or ".dtseries." in name or ".dscalar." in name or ".dlabel." in name:
+            assert "grayordinate" in reason, (name, reason)

@@ -182,6 +182,8 @@ def _item_record(u: dict, item_id: str, img: ImageData, label, labels, s: int, n
     }
     if n_slices > 1:
         rec["slice"] = s
+    if img.meta.get("nonfinite_voxels"):  # set to background by the reader (see io/nifti.py)
+        rec["nonfinite_voxels"] = img.meta["nonfinite_voxels"]
     if img.affine is not None:
         rec["affine"] = np.round(img.affine, 6).tolist()
     if u["extra"].get("attrs"):

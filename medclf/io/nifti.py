@@ -33,14 +33,23 @@ def read_nifti(path: Path) -> ImageData:
         raise ReadError("file not found", path) from None
     except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib errors, ...
         raise ReadError(f"unreadable NIfTI ({type(e).__name__}: {' '.join(str(e).split())[:120]})", path) from None
+    if not hasattr(img, "affine") or img.affine is None:  # CIFTI-2 (.dconn/.dtseries.nii): grayordinates, no voxel grid
+        raise ReadError(f"{type(img).__name__} holds surface/grayordinate data, not an image on a voxel grid: "
+                        "not supported", path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim == 2:
         data = data[..., None]
     if data.ndim != 3:
         raise ReadError(f"unsupported NIfTI shape {data.shape} (expected a 2-D or 3-D image)", path)
-    if not np.isfinite(data).all():
-        raise ReadError("NIfTI contains NaN or infinite values", path)
+    # Resampled volumes carry NaN outside the field of view (nibabel's resampled_anat_moved.nii): those
+    # voxels become background, the lowest finite value, and the item's record counts them.
+    bad = ~np.isfinite(data)
+    n_bad = int(bad.sum())
+    if n_bad:
+        if n_bad == data.size:
+            raise ReadError("NIfTI has no finite voxel (all NaN or infinite)", path)
+        data = np.where(bad, np.float32(data[~bad].min()), data)
     original_shape = list(data.shape)
     affine = img.affine
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(CANONICAL_AXCODES))
@@ -56,6 +65,7 @@ def read_nifti(path: Path) -> ImageData:
         "source_orientation": "".join(nib.aff2axcodes(img.affine)),
         "spacing": [float(np.linalg.norm(affine[:3, i])) for i in range(3)] if zooms else None,
         "original_shape": original_shape,
+        "nonfinite_voxels": n_bad,
     }
     return ImageData(vol, guess_intensity(vol), meta, affine=np.asarray(affine, dtype=np.float64))
 
