@@ -71,6 +71,7 @@ def main() -> None:
     from medclf.data.dataset import CacheDataset
     from medclf.data.ingest import IngestConfig, ingest
     from medclf.inference import load_scorer
+    from medclf.preprocessing import PreprocessConfig
     from medclf.training.finetune import finetune
     from medclf.training.loop import TrainConfig
 
@@ -78,7 +79,8 @@ def main() -> None:
     cache = args.cache
     if cache is None:
         cache = tmp / "cache"
-        ingest(IngestConfig(sources=[REPO / "sample_data" / "rsna"], out=cache, size=32, windows=["brain"], workers=1))
+        ingest(IngestConfig(sources=[REPO / "sample_data" / "rsna"], out=cache,
+                            preprocess=PreprocessConfig(size=32, windows=["brain"], channels=None), workers=1))
     model = args.model
     if model is None:
         model = tmp / "run"

@@ -110,10 +110,11 @@ def monai_default_reader(path: Path) -> str:
 # --------------------------------------------------------------------------------- medclf
 def run_medclf(root: Path, out: Path, size: int, workers: int):
     from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
 
     assert not out.exists(), "medclf must ingest into a new folder"
     t0 = time.perf_counter()
-    res = ingest(IngestConfig(sources=[root], out=out, size=size, workers=workers))
+    res = ingest(IngestConfig(sources=[root], out=out, preprocess=PreprocessConfig(size=size, channels=None), workers=workers))
     dt = time.perf_counter() - t0
     return dt, res
 

@@ -57,6 +57,7 @@ def main() -> None:
     from medclf.evaluation.metrics import classification_metrics
     from medclf.inference import load_scorer
     from medclf.methods import METHODS
+    from medclf.preprocessing import PreprocessConfig
     from medclf.synthetic import make_rsna_tree
     from medclf.training.finetune import finetune
     from medclf.training.loop import TrainConfig
@@ -68,7 +69,8 @@ def main() -> None:
     if not (src / "stage_2_train.csv").exists():
         make_rsna_tree(src, n_patients=args.patients, slices_per_series=8, size=64, seed=7, corrupt=False)
     cache_path = work / f"cache{args.size}"
-    ingest(IngestConfig(sources=[src], out=cache_path, dataset="rsna-ich", size=args.size, windows=["brain"], workers=2))
+    ingest(IngestConfig(sources=[src], out=cache_path, dataset="rsna-ich",
+                        preprocess=PreprocessConfig(size=args.size, windows=["brain"], channels=None), workers=2))
     cache = open_cache(cache_path)
     counts = {s: sum(1 for it in cache.items if it.get("split") == s) for s in ("train", "val", "test")}
     registered = set(METHODS)

@@ -52,15 +52,18 @@ def main() -> None:
     from medclf.data.ingest import IngestConfig, ingest
     from medclf.errors import MedclfError
     from medclf.evaluation.zeroshot import ZeroShotConfig, baseline_encoder, run_encoder, zero_shot
+    from medclf.preprocessing import PreprocessConfig
     from medclf.training.finetune import finetune
     from medclf.training.loop import TrainConfig, resolve_device
-    from medclf.training.pretrain import PretrainConfig, pretrain
+    from medclf.methods.repdiff import PretrainConfig
+    from medclf.training.pretrain import pretrain
 
     tmp = Path(tempfile.mkdtemp(prefix="medclf-bench-pretrain-"))
     cache = args.cache
     if cache is None:
         cache = tmp / "cache"
-        ingest(IngestConfig(sources=[REPO / "sample_data" / "rsna"], out=cache, size=32, windows=["brain"], workers=1))
+        ingest(IngestConfig(sources=[REPO / "sample_data" / "rsna"], out=cache,
+                            preprocess=PreprocessConfig(size=32, windows=["brain"], channels=None), workers=1))
     pool = cache  # what the encoder is pretrained on
     own_pool = bool(args.unlabeled_patients)
     if own_pool:
@@ -68,7 +71,8 @@ def main() -> None:
 
         src = make_rsna_tree(tmp / "pool-src", n_patients=args.unlabeled_patients, size=64, seed=1000, corrupt=False)
         pool = tmp / "pool"
-        ingest(IngestConfig(sources=[src / "stage_2_train"], out=pool, dataset="folder", size=32, windows=["brain"], workers=1))
+        ingest(IngestConfig(sources=[src / "stage_2_train"], out=pool, dataset="folder",
+                            preprocess=PreprocessConfig(size=32, windows=["brain"], channels=None), workers=1))
     dev = resolve_device(args.device)
     rows: dict[tuple[str, str], list[dict]] = {}
     unavailable: dict[str, str] = {}

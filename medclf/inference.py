@@ -44,8 +44,9 @@ def load_input(path: str | Path) -> ImageData:
         if not files:
             raise ReadError("folder holds no DICOM files (pass image files, or a DICOM series folder)", p)
         img, errors = read_dicom_series(files)
-        if errors:
+        if errors:  # the series was read without them: say so in every row and on stderr (never silent)
             img.meta["skipped_files"] = len(errors)
+            img.meta["skipped_reasons"] = sorted({reason for _, reason in errors})[:3]
         return img
     return read_image(p)
 
@@ -67,12 +68,18 @@ def prepare(img: ImageData, pre: PreprocessConfig, path: str) -> np.ndarray:
 
 
 def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: int = 32,
-                 explain: bool = False) -> Iterator[Scored | ReadError]:
-    """Yield a ``Scored`` per readable input and a ``ReadError`` per bad one; never stops early."""
+                 explain: bool = False, run=None) -> Iterator[Scored | ReadError]:
+    """Yield a ``Scored`` per readable input and a ``ReadError`` per bad one; never stops early.
+
+    With ``run``, each preprocessed input is checked against it (``runs.check_compatible``)."""
+    from medclf.runs import DataSpec, check_compatible
+
     for src in inputs:
         try:
             img = load_input(src)
             x = prepare(img, pre, src)
+            if run is not None:
+                check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src))
         except ReadError as e:
             yield e if e.path else ReadError(e.message, src)
             continue
@@ -96,6 +103,15 @@ def _concat(preds: list[Prediction]) -> Prediction:
                       maps=maps)
 
 
+def input_warnings(scored: Scored) -> list[str]:
+    """What the user must know about how an input was read (files of a series left out)."""
+    n = scored.image.meta.get("skipped_files")
+    if not n:
+        return []
+    why = "; ".join(scored.image.meta.get("skipped_reasons") or [])
+    return [f"{scored.source}: {n} file(s) of the series could not be read and were left out ({why})"]
+
+
 def rows(scored: Scored, classes: list[str]) -> list[dict]:
     """One output row per slice (one for a 2-D image). Multi-label runs predict a list of findings."""
     p = scored.prediction
@@ -105,6 +121,8 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
         row = {"input": scored.source}
         if n > 1:
             row["slice"] = s
+        if scored.image.meta.get("skipped_files"):
+            row["skipped_files"] = int(scored.image.meta["skipped_files"])
         pred = ([c for c, on in zip(classes, p.pred[s].tolist()) if on] if p.pred.ndim == 2
                 else classes[int(p.pred[s])])
         row.update({
@@ -120,11 +138,10 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
 
 def load_scorer(model: str | Path | None, device: str = "auto", **scorer_options):
     """(run, scorer, preprocessing) from --model / $MEDCLF_MODEL."""
-    from medclf.training.finetune import load_model
+    from medclf.runs import load_classifier, resolve_model
     from medclf.training.loop import resolve_device
-    from medclf.training.run import resolve_model
 
     dev = resolve_device(device)
-    run, method, net = load_model(resolve_model(model), dev)
+    run, method, net = load_classifier(resolve_model(model), dev)
     scorer = method.scorer(net, run.classes, run.config.get("calibration", {}), dev, **scorer_options)
     return run, scorer, PreprocessConfig.from_dict(run.config["preprocessing"])

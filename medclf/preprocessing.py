@@ -62,7 +62,9 @@ class PreprocessConfig:
 
     size: int = 256  #: output side in pixels (after padding to square)
     windows: list[str] = field(default_factory=lambda: list(DEFAULT_WINDOWS))  #: CT windows, one channel each
-    channels: int = 3  #: channels stored in the cache (grey images are repeated, RGB averaged if 1)
+    #: channels stored in the cache (grey images are repeated, RGB averaged if 1); None, for
+    #: ``IngestConfig.preprocess`` only: the data's own (CT: one per window), decided when ingesting
+    channels: int | None = 3
     intensity: str = "auto"  #: auto | hu | percentile: force how non-RGB intensities are scaled
     percentiles: tuple[float, float] = (0.5, 99.5)  #: robust range for non-CT images
     keep_aspect: bool = True  #: pad to square before resizing instead of stretching

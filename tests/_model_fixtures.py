@@ -10,11 +10,12 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
 
 
-def _cache(factory, name: str, **kw) -> Path:
+def _cache(factory, name: str, **pre) -> Path:
     from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
 
     out = factory.mktemp(name) / "cache"
-    ingest(IngestConfig(sources=[SAMPLE / "rsna"], out=out, workers=1, **kw))
+    ingest(IngestConfig(sources=[SAMPLE / "rsna"], out=out, workers=1, preprocess=PreprocessConfig(channels=None, **pre)))
     return out
 
 

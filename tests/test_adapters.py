@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ from medclf.data import CacheDataset, open_cache
 from medclf.data.ingest import IngestConfig, ingest
 from medclf.datasets import AdapterOptions, detect_dataset, get_adapter
 from medclf.errors import MedclfError
+from medclf.preprocessing import PreprocessConfig
 from medclf.privacy import pseudonym
 
+PRE_FIELDS = {f.name for f in fields(PreprocessConfig)}
 SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 
 
@@ -33,8 +36,11 @@ def plan(name: str, src: Path, **opts):
 
 
 def run_ingest(src, out, **kw):
-    kw.setdefault("size", 32)
+    """Ingest with size 32 and the data's own channels; preprocessing keywords (size, windows, channels,
+    ...) go into the config's PreprocessConfig, the rest into IngestConfig."""
+    pre = {"size": 32, "channels": None} | {k: kw.pop(k) for k in list(kw) if k in PRE_FIELDS}
     kw.setdefault("workers", 1)
+    kw["preprocess"] = PreprocessConfig(**pre)
     return ingest(IngestConfig(sources=[Path(src)], out=Path(out), **kw))
 
 

@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,15 @@ from medclf.io import read_image
 from medclf.preprocessing import PreprocessConfig, preprocess
 
 RSNA_DIR = SAMPLE / "rsna" / "stage_2_train"
+PRE_FIELDS = {f.name for f in fields(PreprocessConfig)}
 
 
 def run_ingest(src, out, **kw):
-    kw.setdefault("size", 32)
+    """Ingest with size 32 and the data's own channels; preprocessing keywords (size, windows, channels,
+    ...) go into the config's PreprocessConfig, the rest into IngestConfig."""
+    pre = {"size": 32, "channels": None} | {k: kw.pop(k) for k in list(kw) if k in PRE_FIELDS}
     kw.setdefault("workers", 1)
+    kw["preprocess"] = PreprocessConfig(**pre)
     srcs = src if isinstance(src, list) else [src]
     return ingest(IngestConfig(sources=[Path(s) for s in srcs], out=Path(out), **kw))
 
@@ -378,6 +383,35 @@ def test_cache_format_versions_are_checked(tmp_path):
             open_cache(res.cache)
     with pytest.raises(MedclfError, match="cache not found"):
         open_cache(tmp_path / "nope")
+
+
+# ------------------------------------------------------------ eval: raw data with the run's preprocessing
+def test_eval_reingests_a_raw_folder_with_the_runs_whole_preprocessing(tmp_path, monkeypatch):
+    """``cache_for`` (``eval`` on a raw dataset) ingests with all of the run's preprocessing, the
+    percentiles, keep_aspect and reducing_gap too (once dropped: other tensors than in training)."""
+    from medclf.evaluation.evaluate import cache_for
+
+    rng = np.random.default_rng(5)
+    raw = tmp_path / "raw"
+    for k in range(6):  # grey, non-square, 40 -> 16 px (2.5x): each setting changes the pixels
+        (raw / "ab"[k % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 28)).astype(np.uint8)).save(raw / "ab"[k % 2] / f"{k}.png")
+    trained = run_ingest(raw, tmp_path / "train", dataset="folder", size=16, percentiles=(2.0, 98.0),
+                         keep_aspect=False, reducing_gap=None)
+    tm = open_cache(trained.cache).manifest
+    assert (tm["preprocessing"]["percentiles"], tm["preprocessing"]["keep_aspect"],
+            tm["preprocessing"]["reducing_gap"]) == ([2.0, 98.0], False, None)
+    want, plain = tensors(trained.cache), tensors(run_ingest(raw, tmp_path / "plain", dataset="folder", size=16).cache)
+    assert plain.keys() == want.keys() and all(not np.array_equal(plain[k], want[k]) for k in want)  # settings matter
+
+    monkeypatch.setenv("MEDCLF_CACHE", str(tmp_path / "caches"))
+    run_config = {"preprocessing": tm["preprocessing"], "shape": tm["shape"], "split_seed": 0}  # as finetune records it
+    info = cache_for(run_config, "folder", raw, workers=1)
+    assert info.path.parent == tmp_path / "caches"
+    assert info.manifest["preprocessing"] == tm["preprocessing"]
+    assert info.manifest["preprocessing_fingerprint"] == tm["preprocessing_fingerprint"]
+    assert info.manifest["fingerprint"] == tm["fingerprint"]
+    assert {k: v.tolist() for k, v in tensors(info).items()} == {k: v.tolist() for k, v in want.items()}
 
 
 # ---------------------------------------------------------------------------------- CacheDataset

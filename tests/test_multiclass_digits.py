@@ -30,10 +30,12 @@ METHODS = {
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory) -> Path:
     from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
 
     root = tmp_path_factory.mktemp("digits")
     make_isic2019_digits_tree(root / "raw")
-    ingest(IngestConfig(sources=[root / "raw"], out=root / "cache", dataset="isic", size=16, workers=1))
+    ingest(IngestConfig(sources=[root / "raw"], out=root / "cache", dataset="isic",
+                        preprocess=PreprocessConfig(size=16, channels=None), workers=1))
     return root / "cache"
 
 

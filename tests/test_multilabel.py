@@ -21,10 +21,12 @@ def cx_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def chexpert_cache(cx_root, tmp_path_factory) -> Path:
     from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
 
     root = cx_root
     out = tmp_path_factory.mktemp("cxcache") / "cache"
-    ingest(IngestConfig(sources=[root], out=out, dataset="chexpert", size=32, workers=1))
+    ingest(IngestConfig(sources=[root], out=out, dataset="chexpert", preprocess=PreprocessConfig(size=32, channels=None),
+                        workers=1))
     return out
 
 

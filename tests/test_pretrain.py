@@ -20,7 +20,8 @@ ENC = "test_vit"
 
 def _pretrain(cache: Path, out: Path, steps: int, **kw) -> dict:
     from medclf.training.loop import TrainConfig
-    from medclf.training.pretrain import PretrainConfig, pretrain
+    from medclf.methods.repdiff import PretrainConfig
+    from medclf.training.pretrain import pretrain
 
     train = {k: kw.pop(k) for k in ("lr", "seed", "batch_size", "ema_decay", "ema_warmup") if k in kw}
     cfg = PretrainConfig(**{"encoder": ENC, **kw})
@@ -34,10 +35,11 @@ def _pretrain(cache: Path, out: Path, steps: int, **kw) -> dict:
 def unlabeled_cache(tmp_path_factory) -> Path:
     """The sample scans ingested as a plain folder: no labels at all."""
     from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
 
     out = tmp_path_factory.mktemp("unlabeled") / "cache"
-    ingest(IngestConfig(sources=[SAMPLE / "rsna" / "stage_2_train"], out=out, dataset="folder", size=32,
-                        windows=["brain"], workers=1))
+    ingest(IngestConfig(sources=[SAMPLE / "rsna" / "stage_2_train"], out=out, dataset="folder",
+                        preprocess=PreprocessConfig(size=32, windows=["brain"], channels=None), workers=1))
     return out
 
 
@@ -59,7 +61,7 @@ def test_unlabeled_cache_pretrains_and_records_its_setup(unlabeled_cache, quick_
     from medclf import __version__
     from medclf.data import open_cache
     from medclf.models.backbone import create_encoder
-    from medclf.training.run import load_tensors
+    from medclf.io.weights import load_tensors
 
     cache = open_cache(unlabeled_cache)
     assert cache.classes == [] and all(it.get("label") is None for it in cache.items)
@@ -81,8 +83,9 @@ def test_unlabeled_cache_pretrains_and_records_its_setup(unlabeled_cache, quick_
 
 def test_resume_continues_bit_for_bit(tmp_path, unlabeled_cache):
     from medclf.training.loop import TrainConfig
-    from medclf.training.pretrain import PretrainConfig, pretrain
-    from medclf.training.run import load_tensors
+    from medclf.methods.repdiff import PretrainConfig
+    from medclf.training.pretrain import pretrain
+    from medclf.io.weights import load_tensors
 
     def tc(steps):
         return TrainConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=2, log_every=1, seed=3)
@@ -101,7 +104,7 @@ def test_resume_continues_bit_for_bit(tmp_path, unlabeled_cache):
 
 
 def test_augmented_view_is_a_crop_or_flip_drawn_from_the_generator():
-    from medclf.training.pretrain import augment_view
+    from medclf.methods.repdiff import augment_view
 
     x = torch.rand(8, 1, 16, 16)
     flipped = augment_view(x, torch.Generator().manual_seed(0), min_crop=1.0, flip=True)
@@ -115,7 +118,7 @@ def test_augmented_view_is_a_crop_or_flip_drawn_from_the_generator():
 
 
 def test_representation_dropout_uses_the_null_vector():
-    from medclf.training.pretrain import PretrainConfig, RepresentationDiffusion
+    from medclf.methods.repdiff import PretrainConfig, RepresentationDiffusion
 
     torch.manual_seed(0)
     m = RepresentationDiffusion(PretrainConfig(encoder=ENC), 1, 16).eval()
@@ -133,7 +136,7 @@ def test_representation_dropout_uses_the_null_vector():
 def test_bottleneck_r_cannot_be_shrunk_by_the_encoder():
     """The anti-collapse choice: r is batch-normalised without affine, so shrinking the encoder's features
     (the route to a constant r) leaves r's unit spread unchanged."""
-    from medclf.training.pretrain import PretrainConfig, RepresentationDiffusion
+    from medclf.methods.repdiff import PretrainConfig, RepresentationDiffusion
 
     torch.manual_seed(0)
     m = RepresentationDiffusion(PretrainConfig(encoder=ENC, rep_dim=16), 1, 16).train()
@@ -150,8 +153,8 @@ def test_encoder_weights_from_a_local_file(tmp_path, unlabeled_cache):
     """``--encoder-weights``: a timm state dict saved as .pth (weights_only load) or .safetensors starts the encoder."""
     import timm
 
-    from medclf.training.pretrain import PretrainConfig, RepresentationDiffusion, _prepare_encoder
-    from medclf.training.run import save_tensors
+    from medclf.methods.repdiff import PretrainConfig, RepDiff, RepresentationDiffusion
+    from medclf.io.weights import save_tensors
 
     torch.manual_seed(123)
     src = timm.create_model(ENC, img_size=32, patch_size=4, in_chans=1, num_classes=0)  # the encoder's patch at 32 px
@@ -161,7 +164,7 @@ def test_encoder_weights_from_a_local_file(tmp_path, unlabeled_cache):
         cfg = PretrainConfig(encoder=ENC, encoder_weights=str(tmp_path / f))
         torch.manual_seed(0)
         m = RepresentationDiffusion(cfg, 1, 32)
-        info = _prepare_encoder(m, cfg, 1, 32)
+        info = RepDiff(cfg).prepare(m, 1, 32)
         assert info["init"] == "file" and info["loaded"] == len(src.state_dict())
         for k, v in src.state_dict().items():
             assert torch.equal(m.encoder.net.state_dict()[k], v), k
@@ -187,9 +190,10 @@ def test_offline_pretrained_fails_clearly(tmp_path, unlabeled_cache):
 def test_errors(tmp_path, quick_run, unlabeled_cache):
     """Library errors are MedclfErrors with a clear message; through the CLI, one line and exit code 1."""
     from medclf.errors import MedclfError
-    from medclf.training.finetune import load_model
+    from medclf.runs import load_classifier as load_model
     from medclf.training.loop import TrainConfig
-    from medclf.training.pretrain import PretrainConfig, pretrain
+    from medclf.methods.repdiff import PretrainConfig
+    from medclf.training.pretrain import pretrain
 
     tc = TrainConfig(steps=1, batch_size=8)
     with pytest.raises(MedclfError, match="--split"):
@@ -225,9 +229,11 @@ def test_sample_writes_a_png_grid(tmp_path, quick_run):
 
 
 def test_samples_depend_on_the_seed_and_stay_in_range(quick_run):
-    from medclf.training.pretrain import load_pretrained, sample
+    from medclf.methods.repdiff import sample
+    from medclf.runs import load_pretraining
 
-    _, cfg, model = load_pretrained(quick_run)
+    _, method, model = load_pretraining(quick_run)
+    cfg = method.config
     like = torch.rand(1, 32, 32)
     a = sample(model, cfg, like, 2, steps=4, seed=0)
     b = sample(model, cfg, like, 2, steps=4, seed=0)
@@ -298,8 +304,8 @@ def test_zero_shot_library_errors(quick_run, ct32_cache, rsna_cache, monkeypatch
 def test_untrained_baseline_is_the_pretraining_start(quick_run):
     """``untrained`` = the run's encoder architecture with the random init pretraining started from (same seed)."""
     from medclf.evaluation.zeroshot import baseline_encoder
-    from medclf.training.pretrain import PretrainConfig, RepresentationDiffusion
-    from medclf.training.run import load_run
+    from medclf.methods.repdiff import PretrainConfig, RepresentationDiffusion
+    from medclf.runs import load_run
 
     cfg = load_run(quick_run).config
     _, base = baseline_encoder("untrained", cfg)
@@ -311,9 +317,10 @@ def test_untrained_baseline_is_the_pretraining_start(quick_run):
 # ----------------------------------------------------------------------------------- --init
 
 def test_finetune_init_starts_the_backbone_from_the_pretrained_encoder(tmp_path, quick_run, ct32_cache):
-    from medclf.training.finetune import finetune, load_model
+    from medclf.runs import load_classifier as load_model
+    from medclf.training.finetune import finetune
     from medclf.training.loop import TrainConfig
-    from medclf.training.run import load_tensors
+    from medclf.io.weights import load_tensors
 
     out = tmp_path / "ft"
     # lr 0: the weights after training are the starting weights, which must be the pretrained encoder's

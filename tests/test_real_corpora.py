@@ -87,6 +87,7 @@ def test_fuzzed_real_files_never_break_a_batch(tmp_path):
     from pydicom.data import get_testdata_file
 
     from medclf.data.ingest import IngestConfig, ingest
+    from medclf.preprocessing import PreprocessConfig
 
     repo = Path(__file__).resolve().parents[1]
     isic = sorted((repo / "sample_data" / "isic" / "ISIC_2019_Training_Input").glob("*.jpg"))[0]
@@ -115,7 +116,8 @@ def test_fuzzed_real_files_never_break_a_batch(tmp_path):
             (raw / f"flip_{i}_{j}{ext}").write_bytes(bytes(b))
         wrong = {".dcm": ".png", ".png": ".dcm", ".jpg": ".nii", ".nii": ".jpg", ".nii.gz": ".dcm"}[ext]
         (raw / f"wrongext_{i}{wrong}").write_bytes(data)
-    res = ingest(IngestConfig(sources=[raw], out=tmp_path / "cache", size=16, workers=1))
+    res = ingest(IngestConfig(sources=[raw], out=tmp_path / "cache", preprocess=PreprocessConfig(size=16, channels=None),
+                              workers=1))
     reasons = {Path(e["path"]).name: e["reason"] for e in res.errors}
     assert not {n: r for n, r in reasons.items() if "unexpected" in r or not r}, reasons
     assert not {Path(g).name for g in good} & set(reasons), reasons  # every original cached

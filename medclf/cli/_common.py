@@ -1,9 +1,13 @@
-"""What every command shares: error reporting, consoles, exit codes."""
+"""What every command shares: error reporting, consoles, exit codes, registry choices, shared options."""
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Optional
 
 import click
@@ -69,6 +73,12 @@ def run_app(app, argv: list[str], debug_env: str | None = None) -> int:
         return int(ExitCode.ERROR)
 
 
+def warn(lines: list[str]) -> None:
+    """Warnings go to stderr, one line each, whatever the output format."""
+    for w in lines:
+        err.print(f"warning: {w}", highlight=False, soft_wrap=True)
+
+
 def is_tty() -> bool:
     return sys.stderr.isatty()
 
@@ -86,3 +96,158 @@ Samples = Annotated[Optional[int], typer.Option(min=1, help="diffmic: label samp
 def scorer_options(budget=None, adaptive=None, decision=None, sampler=None, diffusion_steps=None, samples=None) -> dict:
     return {"trials": budget, "adaptive": adaptive, "decision": decision, "sampler": sampler,
             "diffusion_steps": diffusion_steps, "samples": samples}
+
+
+# ------------------------------------------------------------------------------- registry choices
+class _RegistryEnumType(enum.EnumMeta):
+    """An Enum class whose members are made from a registry on first use (iteration, lookup, call).
+
+    Typer reads an option's choices only when it shows that command's help or parses its command
+    line, so ``medclf --help`` and the other commands never import the registry's module (the
+    methods' and models' pull in torch/timm; tests/test_cli_ingest.py checks start-up). On a Typer
+    that reads choices up front this is still correct, only no longer lazy.
+    """
+
+    def _registry(cls) -> type[enum.Enum]:
+        built = cls.__dict__.get("_built")
+        if built is None:
+            built = enum.Enum(cls.__name__, {k: k for k in cls._keys()}, type=str)
+            type.__setattr__(cls, "_built", built)
+        return built
+
+    def __iter__(cls):
+        return iter(cls._registry())
+
+    def __len__(cls) -> int:
+        return len(cls._registry())
+
+    def __contains__(cls, value) -> bool:
+        return any(value is m or value == m.value for m in cls._registry())
+
+    def __getitem__(cls, name: str):
+        return cls._registry()[name]
+
+    @property
+    def __members__(cls):
+        return cls._registry().__members__
+
+    def __call__(cls, value, *args, **kwargs):
+        return cls._registry()(value)
+
+
+def registry_enum(name: str, keys: Callable[[], Iterable[str]]) -> type[enum.Enum]:
+    """A ``str`` Enum of a registry's names, for an option's type: ``--help`` lists the choices and a
+    typo is Typer's usage error (exit 2) naming them. ``keys`` is called once, on first use; the
+    members are ``enum.Enum(name, {k: k for k in keys()}, type=str)``'s: pass ``.value`` on."""
+    bases = (str, enum.Enum)
+    cls = _RegistryEnumType(name, bases, _RegistryEnumType.__prepare__(name, bases))
+    type.__setattr__(cls, "_keys", staticmethod(keys))
+    return cls
+
+
+def _dataset_names() -> list[str]:
+    from medclf.datasets import DATASETS
+
+    return ["auto", *DATASETS]
+
+
+def _classifier_names() -> list[str]:
+    from medclf.methods import METHODS
+
+    return sorted(n for n, cls in METHODS.items() if getattr(cls, "kind", "classifier") == "classifier")
+
+
+def _unet_sizes() -> list[str]:
+    from medclf.methods.diffusion_classifier import UNET_SIZES
+
+    return list(UNET_SIZES)
+
+
+def _dit_sizes() -> list[str]:
+    from medclf.models.dit import DIT_SIZES
+
+    return list(DIT_SIZES)
+
+
+#: ``--dataset`` (ingest, eval): "auto" (detect the layout) or a name in ``medclf.datasets.DATASETS``
+DatasetName = registry_enum("DatasetName", _dataset_names)
+#: ``finetune --method``: ``medclf.methods.METHODS`` entries of kind "classifier" (not the pretraining ones)
+ClassifierMethod = registry_enum("ClassifierMethod", _classifier_names)
+#: ``finetune --model-size``: the diffusion classifier's sizes (``UNET_SIZES``, which its build checks for --arch dit too)
+ClassifierSize = registry_enum("ClassifierSize", _unet_sizes)
+#: ``pretrain --model-size``: the DiT denoiser's sizes (``medclf.models.dit.DIT_SIZES``)
+DitSize = registry_enum("DitSize", _dit_sizes)
+
+
+def bad_argument_choice(enum_cls: type[enum.Enum], option: str) -> Callable[[str], str]:
+    """``parser=`` for a registry option whose unknown value is a bad argument (exit 1, "unknown
+    OPTION 'x'; choose from ...") rather than a bad command line (exit 2), as ``ingest`` documents
+    its exit codes. ``--help`` still lists the choices (from the option's Enum type); the command
+    receives the plain name (a ``str``)."""
+
+    def parse(value) -> str:
+        value = value.value if isinstance(value, enum.Enum) else value
+        if value not in enum_cls:
+            raise MedclfError(f"unknown {option} {value!r}; choose from {', '.join(m.value for m in enum_cls)}")
+        return value
+
+    return parse
+
+
+# --------------------------------------------------------------------------- options of many commands
+ModelRun = Annotated[Optional[str], typer.Option("--model", help="Run folder (default: $MEDCLF_MODEL).")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+
+# Training options shared by finetune and pretrain. Their defaults differ by objective (lr, warm-up,
+# EMA decay), so each command writes its own default after the alias.
+RunFolder = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")]
+Steps = Annotated[int, typer.Option(min=1, help="Optimiser steps in total.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per step, per process.")]
+#: pretrain normalises its representation across the batch (BatchNorm without affine): at least 2 images
+PairedBatchSize = Annotated[int, typer.Option(min=2, help="Images per step, per process (at least 2: the representation is normalised across the batch).")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+WarmupSteps = Annotated[int, typer.Option(min=0, help="Linear warm-up steps, then cosine decay.")]
+EmaDecay = Annotated[float, typer.Option(help="EMA decay of the saved weights (warmed up to this value).")]
+CheckpointEvery = Annotated[int, typer.Option(min=1, help="Steps between resumable checkpoints.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Amp = Annotated[str, typer.Option(help="auto | bf16 | fp16 | off (CUDA only).")]
+Workers = Annotated[int, typer.Option(min=0, help="DataLoader workers.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue this run from its last checkpoint.")]
+SummaryJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+
+
+def train_options(*, steps: int, batch_size: int, lr: float, warmup_steps: int, ema_decay: float,
+                  checkpoint_every: int, seed: int, device: str, amp: str, workers: int) -> dict:
+    """The shared training options as ``TrainConfig`` keyword arguments (``TrainConfig(**train_options(...))``)."""
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "ema_decay": ema_decay,
+            "checkpoint_every": checkpoint_every, "seed": seed, "device": device, "amp": amp, "num_workers": workers}
+
+
+@contextlib.contextmanager
+def train_progress(label: str, steps: int, show: bool, log_every: int) -> Iterator[Callable[[dict], None]]:
+    """The training loop's ``progress`` callback: a rich bar on a terminal, else about twenty plain
+    lines per run on stderr (logs, pipes); nothing when ``show`` is false (``--json``, ranks > 0).
+
+    The loop reports every ``log_every`` steps, so one report per twentieth of the run passes."""
+    if not show:
+        yield lambda r: None
+        return
+
+    def line(r: dict) -> str:
+        return f"loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s"
+
+    if is_tty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("train", total=steps, info="")
+            yield lambda r: bar.update(task, completed=r["step"], info=line(r))
+        return
+    every = max(1, steps // 20)
+
+    def plain(r: dict) -> None:
+        if r["step"] % every < log_every or r["step"] == steps:
+            err.print(f"step {r['step']}/{steps}  {line(r)}", highlight=False)
+
+    yield plain

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from medclf.cli._common import Adaptive, Budget, Decision, DiffusionSteps, Samples, Sampler, err, out, scorer_options
+from medclf.cli._common import (Adaptive, Budget, Decision, Device, DiffusionSteps, ModelRun, Samples, Sampler, err, out,
+                                scorer_options, warn)
 from medclf.errors import ExitCode
 
 
@@ -29,7 +30,7 @@ def _headline(unc: dict) -> str:
 def classify_cmd(
     inputs: Annotated[list[str], typer.Argument(help="DICOM files, DICOM series folders, NIfTI, PNG/JPEG, or a .txt "
                                                       "list of paths ('-' reads paths from stdin).", show_default=False)],
-    model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
+    model: ModelRun = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
     budget: Budget = None,
@@ -38,7 +39,7 @@ def classify_cmd(
     sampler: Sampler = None,
     diffusion_steps: DiffusionSteps = None,
     samples: Samples = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
 ) -> None:
     """Classify scans with a trained run, applying the run's recorded preprocessing.
@@ -47,20 +48,21 @@ def classify_cmd(
     bad model or argument.
     """
     from medclf.errors import MedclfError
-    from medclf.inference import expand_inputs, load_scorer, rows, score_inputs
+    from medclf.inference import expand_inputs, input_warnings, load_scorer, rows, score_inputs
 
     run, scorer, pre = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
     classes = run.classes
     failed = 0
     writer = None
     table_rows = []
-    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=batch_size):
+    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=batch_size, run=run):
         if isinstance(res, MedclfError):
             failed += 1
             if as_json:
                 print(json.dumps({"input": res.path, "error": res.message}), flush=True)
             err.print(f"error: {res.path}: {res.message}", highlight=False, soft_wrap=True)
             continue
+        warn(input_warnings(res))
         for r in rows(res, classes):
             if as_json:
                 print(json.dumps(r), flush=True)

@@ -8,12 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import Adaptive, Budget, Decision, DiffusionSteps, Samples, Sampler, err, is_tty, out, scorer_options
+from medclf.cli._common import (Adaptive, Budget, DatasetName, Decision, Device, DiffusionSteps, ModelRun, Samples, Sampler, err,
+                                is_tty, out, scorer_options)
 
 
 def eval_cmd(
-    model: Annotated[Optional[str], typer.Option(help="Run folder (default: $MEDCLF_MODEL).")] = None,
-    dataset: Annotated[str, typer.Option(help="Dataset name (an ingest --dataset, or auto).")] = "auto",
+    model: ModelRun = None,
+    dataset: Annotated[DatasetName, typer.Option(help="Dataset name (an ingest --dataset, or auto).")] = "auto",
     data: Annotated[Optional[Path], typer.Option(help="A cache, or a raw dataset root (default: $MEDCLF_DATA/NAME).")] = None,
     split: Annotated[str, typer.Option(help="train | val | test (--zero-shot: also joined, e.g. val+test).")] = "test",
     report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json and the PNG plots.")] = None,
@@ -26,7 +27,7 @@ def eval_cmd(
     corrupt: Annotated[Optional[str], typer.Option(help="Score corrupted images: noise|blur|contrast[:SEVERITY] "
                                                          "(noise std 0.1, blur sigma 1 px, contrast x0.5 by default).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Evaluate the run's frozen encoder (no fine-tuning): "
                                                                  "classifiers fitted on the labelled train split.")] = False,
@@ -36,48 +37,25 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run: accuracy, balanced accuracy, macro-F1, AUROC, ECE, Brier, confusion matrix."""
     from medclf.errors import MedclfError
-    from medclf.evaluation import classification_metrics, write_report
-    from medclf.evaluation.evaluate import cache_for, calibration_warnings, data_root, score_split
+    from medclf.evaluation.evaluate import cache_for, data_root, evaluate_run
     from medclf.inference import load_scorer
 
     if zero_shot:
-        return _zero_shot(model, dataset, data, split, report, protocol, baseline_encoder, bootstrap, device, as_json)
+        return _zero_shot(model, dataset.value, data, split, report, protocol, baseline_encoder, bootstrap, device, as_json)
     if protocol or baseline_encoder:
         raise MedclfError("--protocol and --baseline-encoder apply to --zero-shot evaluation only")
     run, scorer, _ = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
-    cache = cache_for(run.config, dataset, data_root(dataset, data))
-    multilabel = run.config.get("task") == "multilabel"
-    data_classes = cache.label_names if multilabel else cache.classes
-    if data_classes != run.classes:
-        raise MedclfError(f"the data's {'labels' if multilabel else 'classes'} {data_classes} differ from the model's "
-                          f"{run.classes}", cache.path)
+    cache = cache_for(run.config, dataset.value, data_root(dataset.value, data))
     progress = None
     if is_tty() and not as_json:
         progress = lambda d, n: err.print(f"\reval: {d}/{n}", end="", highlight=False)  # noqa: E731
-    transform = None
-    if corrupt:
-        from medclf.evaluation.corruptions import corruption
-
-        name, _, sev = corrupt.partition(":")
-        try:
-            severity = float(sev) if sev else None
-        except ValueError:
-            raise MedclfError(f"--corrupt {corrupt!r}: severity {sev!r} is not a number") from None
-        transform = corruption(name, severity)
-    res = score_split(scorer, cache, split, progress=progress, transform=transform)
+    m = evaluate_run(run, scorer, cache, split, bootstrap=bootstrap, corrupt=corrupt, report=report, progress=progress)
     if progress:
         err.print()
-    if multilabel:
-        return _multilabel(run, cache, split, corrupt, res, bootstrap, report, as_json)
-    m = classification_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap, pred=res["pred"])
-    m.update({"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "model": str(run.path),
-              "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"],
-              "images_per_s": len(res["y"]) / max(res["seconds"], 1e-9)})
-    m["warnings"] = calibration_warnings(run.config) + m["warnings"]
+    if run.config.get("task") == "multilabel":
+        return _print_multilabel(run, cache, split, m, report, as_json)
     for w in m["warnings"]:
         err.print(f"warning: {w}", highlight=False, soft_wrap=True)
-    if report:
-        write_report(report, m, res["y"], res["probs"], run.classes, title=f"{run.path.name} on {split}")
     if as_json:
         out.print_json(json.dumps(m, default=float))
         return
@@ -98,15 +76,8 @@ def eval_cmd(
         out.print(f"report: {report}", highlight=False)
 
 
-def _multilabel(run, cache, split, corrupt, res, bootstrap, report, as_json) -> None:
-    """Per-label metrics of a multi-label run (CheXpert's observations): AUROC, accuracy/F1 at 0.5, ECE, Brier."""
-    from medclf.evaluation import multilabel_metrics, write_multilabel_report
-
-    m = multilabel_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap)
-    m.update({"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
-              "model": str(run.path), "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"]})
-    if report:
-        write_multilabel_report(report, m, res["y"], res["probs"], run.classes, title=f"{run.path.name} on {split}")
+def _print_multilabel(run, cache, split, m, report, as_json) -> None:
+    """A multi-label run's per-label metrics (CheXpert's observations): AUROC, accuracy/F1 at 0.5, ECE, Brier."""
     if as_json:
         out.print_json(json.dumps(m, default=float))
         return
@@ -132,7 +103,7 @@ def _zero_shot(model, dataset, data, split, report, protocols, baselines, bootst
     from medclf.evaluation.evaluate import cache_for, data_root
     from medclf.evaluation.zeroshot import PROTOCOLS, ZeroShotConfig, baseline_encoder, run_encoder, zero_shot
     from medclf.training.loop import resolve_device
-    from medclf.training.run import resolve_model
+    from medclf.runs import resolve_model
 
     dev = resolve_device(device)
     run, enc = run_encoder(resolve_model(model))

@@ -8,17 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import err, is_tty, out
+from medclf.cli._common import DatasetName, bad_argument_choice, err, is_tty, out
 from medclf.errors import ExitCode
-
-DATASET_CHOICES = ["auto", "folder", "csv", "rsna-ich", "chexpert", "isic", "ham10000", "medmnist",
-                   "chexpert-effusion", "isic-melanoma"]
 
 
 def ingest_cmd(
     sources: Annotated[list[Path], typer.Argument(help="Dataset root(s), folders, files, a CSV or .npz.", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cache folder to write.")],
-    dataset: Annotated[str, typer.Option(help=f"Layout: {', '.join(DATASET_CHOICES)}.")] = "auto",
+    dataset: Annotated[DatasetName, typer.Option(parser=bad_argument_choice(DatasetName, "--dataset"),
+                                                 help="Layout (auto: detected).")] = "auto",
     labels: Annotated[Optional[Path], typer.Option(help="CSV of path,label (or id,label) for generic folders.")] = None,
     size: Annotated[int, typer.Option(min=8, max=4096, help="Output side in pixels.")] = 256,
     window: Annotated[str, typer.Option(help="CT windows, one channel each: names (brain, subdural, soft, bone, "
@@ -39,19 +37,17 @@ def ingest_cmd(
     """
     from medclf.data.ingest import IngestConfig, ingest
     from medclf.errors import MedclfError
-    from medclf.preprocessing import parse_windows
+    from medclf.preprocessing import PreprocessConfig, parse_windows
 
-    if dataset not in DATASET_CHOICES:
-        raise MedclfError(f"unknown --dataset {dataset!r}; choose from {', '.join(DATASET_CHOICES)}")
     if intensity not in ("auto", "hu", "percentile"):
         raise MedclfError(f"unknown --intensity {intensity!r}; choose auto, hu or percentile")
     try:
         windows = parse_windows(window)
     except ValueError as e:
         raise MedclfError(str(e)) from None
-    cfg = IngestConfig(sources=sources, out=out_dir, dataset=dataset, labels=labels, size=size, windows=windows,
-                       channels=channels, intensity=intensity, uncertain=uncertain, seed=seed, workers=workers,
-                       resume=resume, overwrite=overwrite)
+    pre = PreprocessConfig(size=size, windows=windows, channels=channels, intensity=intensity)  # channels None: the data's own
+    cfg = IngestConfig(sources=sources, out=out_dir, dataset=dataset, labels=labels, preprocess=pre, uncertain=uncertain,
+                       seed=seed, workers=workers, resume=resume, overwrite=overwrite)
     result = _run_with_progress(cfg, ingest, fancy=is_tty() and not as_json)
     if as_json:
         d = result.to_dict()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import out
+from medclf.cli._common import Device, Seed, out
 
 
 def sample_cmd(
@@ -18,8 +18,8 @@ def sample_cmd(
     steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 50,
     guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance on r (1 = none).")] = 1.0,
     slice_index: Annotated[Optional[int], typer.Option("--slice", help="Slice of a volume (default: the middle one).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    seed: Seed = 0,
+    device: Device = "auto",
 ) -> None:
     """Draw images conditioned on a scan's representation: what the pretrained encoder keeps of it."""
     import torch
@@ -27,12 +27,11 @@ def sample_cmd(
     from medclf.figures import save_sample_grid
     from medclf.inference import load_input, prepare
     from medclf.preprocessing import PreprocessConfig
+    from medclf.runs import load_pretraining, resolve_model
     from medclf.training.loop import resolve_device
-    from medclf.training.pretrain import load_pretrained, sample
-    from medclf.training.run import resolve_model
 
     dev = resolve_device(device)
-    run, cfg, net = load_pretrained(resolve_model(model), dev)
+    run, method, net = load_pretraining(resolve_model(model), dev)
     pre = PreprocessConfig.from_dict(run.config["preprocessing"])
     x = prepare(load_input(like), pre, str(like))  # (S, C, H, W) in [0, 1]
     s = len(x) // 2 if slice_index is None else slice_index
@@ -41,6 +40,6 @@ def sample_cmd(
 
         raise MedclfError(f"--slice {s} is outside 0..{len(x) - 1}", like)
     image = torch.from_numpy(x[s]).float()
-    samples = sample(net, cfg, image, n, steps=steps, guidance=guidance, seed=seed, device=dev)
+    samples = method.sample(net, image, n, steps=steps, guidance=guidance, seed=seed, device=dev)
     save_sample_grid(out_path, image, samples, title=f"{like.name}: {n} samples from {run.path.name}")
     out.print(f"samples written: {out_path}", highlight=False, soft_wrap=True)

@@ -81,6 +81,10 @@ class CacheInfo:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["shape"])
 
+    @property
+    def preprocessing(self) -> dict:
+        return self.manifest.get("preprocessing") or {}
+
     def shard_array(self, shard: int) -> np.memmap:
         info = self.manifest["shards"][shard]
         return np.memmap(self.path / info["file"], dtype=DTYPE, mode="r", shape=(info["n"], *self.shape))

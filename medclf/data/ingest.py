@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,10 +36,9 @@ class IngestConfig:
     out: Path
     dataset: str = "auto"  #: adapter name, or auto-detect from the layout
     labels: Path | None = None  #: extra path,label CSV for generic folders
-    size: int = 256
-    windows: list[str] = field(default_factory=lambda: ["brain", "subdural", "soft"])
-    channels: int | None = None  #: None: the dataset's own (CT: one per window)
-    intensity: str = "auto"
+    #: how images become tensors, recorded whole in the manifest; ``channels=None`` (the default
+    #: here): the dataset's own (CT: one per window), decided from the data
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(channels=None))
     uncertain: str = "mixed"  #: CheXpert -1 policy
     seed: int = 0  #: split seed
     workers: int = 0  #: 0: one per core (at most 8); 1: in-process
@@ -213,8 +212,9 @@ def fingerprint(plan: Plan, cfg: IngestConfig, pre: PreprocessConfig) -> str:
 
 
 def _decide_channels(plan: Plan, cfg: IngestConfig) -> int:
-    if cfg.channels:
-        return cfg.channels
+    pre = cfg.preprocess
+    if pre.channels:
+        return pre.channels
     if plan.channels:
         return plan.channels
     for u in plan.units[:20]:  # peek at the first readable unit
@@ -223,8 +223,8 @@ def _decide_channels(plan: Plan, cfg: IngestConfig) -> int:
         except (ReadError, Exception):
             continue
         kind = decoded[0][1].kind
-        use_hu = (kind == "hu" and cfg.intensity == "auto") or (cfg.intensity == "hu" and kind != "rgb")
-        return len(cfg.windows) if use_hu else 3 if kind == "rgb" else 1
+        use_hu = (kind == "hu" and pre.intensity == "auto") or (pre.intensity == "hu" and kind != "rgb")
+        return len(pre.windows) if use_hu else 3 if kind == "rgb" else 1
     return 1
 
 
@@ -303,8 +303,8 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
         plan = adapter.plan(sources, opts, mapper)
         if cfg.uncertain != "mixed" and "uncertain" not in plan.options:
             plan.notes.append(f"--uncertain {cfg.uncertain} has no effect on {plan.dataset} (only CheXpert has uncertain labels)")
-        pre = PreprocessConfig(size=cfg.size, windows=list(cfg.windows), intensity=cfg.intensity)
-        pre.channels = _decide_channels(plan, cfg)
+        # a copy (the caller's config is left as given), with the channel count settled
+        pre = replace(cfg.preprocess, windows=list(cfg.preprocess.windows), channels=_decide_channels(plan, cfg))
         fp = fingerprint(plan, cfg, pre)
         if _check_out(out, fp, cfg):
             manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))

@@ -37,9 +37,14 @@ def calibration_warnings(run_config: dict) -> list[str]:
 def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> CacheInfo:
     """``path`` itself if it is a cache, else ingest it with the run's preprocessing into a cache
     under ``$MEDCLF_CACHE`` (default ~/.cache/medclf) named by dataset + preprocessing, which the
-    ingest fingerprint makes a no-op the second time."""
+    ingest fingerprint makes a no-op the second time. Either way the cache must fit the run
+    (``runs.check_compatible``: shape, channels, preprocessing)."""
+    from medclf.runs import check_compatible
+
     if (path / "manifest.json").exists():
-        return open_cache(path)
+        cache = open_cache(path)
+        check_compatible(run_config, cache)
+        return cache
     if not path.exists():
         raise MedclfError("data not found", path)
     from medclf.data.ingest import IngestConfig, ingest
@@ -49,10 +54,11 @@ def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> C
     pre = PreprocessConfig.from_dict(run_config["preprocessing"])
     base = Path(os.environ.get("MEDCLF_CACHE", Path.home() / ".cache" / "medclf"))
     out = base / f"{dataset}-{pseudonym(str(path.resolve()), pre.fingerprint(), length=12)}"
-    res = ingest(IngestConfig(sources=[path], out=out, dataset=dataset, size=pre.size,
-                              windows=list(pre.windows), channels=pre.channels, intensity=pre.intensity,
+    res = ingest(IngestConfig(sources=[path], out=out, dataset=dataset, preprocess=pre,
                               seed=run_config.get("split_seed", 0), workers=workers, overwrite=True))
-    return open_cache(res.cache)
+    cache = open_cache(res.cache)
+    check_compatible(run_config, cache)
+    return cache
 
 
 def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None, transform=None) -> dict:
@@ -88,3 +94,57 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
     return {"y": np.array(ys), "probs": np.concatenate(probs), "pred": np.concatenate(preds),
             "uncertainty": {k: np.concatenate(v) for k, v in unc.items()}, "nfe": np.concatenate(nfe), "ids": ids,
             "seconds": time.perf_counter() - t0}
+
+
+def corruption_transform(spec: str | None):
+    """``noise|blur|contrast[:SEVERITY]`` (``eval --corrupt``) -> a batch transform, or None for None."""
+    if not spec:
+        return None
+    from medclf.evaluation.corruptions import corruption
+
+    name, _, sev = spec.partition(":")
+    try:
+        severity = float(sev) if sev else None
+    except ValueError:
+        raise MedclfError(f"--corrupt {spec!r}: severity {sev!r} is not a number") from None
+    return corruption(name, severity)
+
+
+def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 1000, corrupt: str | None = None,
+                 report: str | Path | None = None, progress=None) -> dict:
+    """A run's metrics on a cache split (``medclf eval``), as one JSON-able dict.
+
+    Single-label runs: ``classification_metrics`` (accuracy, balanced accuracy, macro-F1, AUROC, ECE,
+    Brier, confusion matrix, bootstrap CIs), with the warnings ``finetune`` recorded at calibration
+    ahead of the data's own. Multi-label runs: ``multilabel_metrics`` (per label, macro AUROC). Both
+    add split, corruption, cache (path, fingerprint), model, NFE per image and timings.
+
+    ``run``/``scorer`` come from ``medclf.inference.load_scorer``; ``corrupt`` is a
+    ``corruption_transform`` spec applied to the images first; ``report`` a folder that receives
+    metrics.json and the plots; ``progress(done, total)`` is called as batches are scored.
+    """
+    from medclf.evaluation.metrics import classification_metrics, multilabel_metrics
+    from medclf.evaluation.report import write_multilabel_report, write_report
+
+    multilabel = run.config.get("task") == "multilabel"
+    data_classes = cache.label_names if multilabel else cache.classes
+    if data_classes != run.classes:
+        raise MedclfError(f"the data's {'labels' if multilabel else 'classes'} {data_classes} differ from the model's "
+                          f"{run.classes}", cache.path)
+    res = score_split(scorer, cache, split, progress=progress, transform=corruption_transform(corrupt))
+    about = {"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
+             "model": str(run.path), "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"]}
+    title = f"{run.path.name} on {split}"
+    if multilabel:
+        m = multilabel_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap)
+        m.update(about)
+        if report:
+            write_multilabel_report(report, m, res["y"], res["probs"], run.classes, title=title)
+        return m
+    m = classification_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap, pred=res["pred"])
+    m.update(about)
+    m["images_per_s"] = len(res["y"]) / max(res["seconds"], 1e-9)
+    m["warnings"] = calibration_warnings(run.config) + m["warnings"]
+    if report:
+        write_report(report, m, res["y"], res["probs"], run.classes, title=title)
+    return m

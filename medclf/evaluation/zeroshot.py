@@ -124,19 +124,9 @@ def _split_tensors(cache: CacheInfo, split: str) -> tuple[torch.Tensor, np.ndarr
 def run_encoder(run_path: str | Path):
     """(run, Encoder) of a run: the pretrained encoder of a ``pretrain`` run, or ``model.backbone`` of
     a supervised run that has one."""
-    from medclf.training.pretrain import is_pretrain_run, load_pretrained
-    from medclf.training.run import load_run
+    from medclf.runs import load_encoder
 
-    run = load_run(run_path)
-    if is_pretrain_run(run.config):
-        _, _, model = load_pretrained(run.path)
-        return run, model.encoder
-    from medclf.training.finetune import load_model
-
-    _, _, model = load_model(run.path)
-    if not hasattr(model, "backbone"):
-        raise MedclfError(f"method {run.method!r} has no image encoder to evaluate zero-shot", run.path)
-    return run, model.backbone
+    return load_encoder(run_path)
 
 
 def baseline_encoder(spec: str, run_config: dict):
@@ -186,9 +176,10 @@ def zero_shot(encoders: list[tuple[str, object]], cache: CacheInfo, split: str, 
         if p not in PROTOCOLS:
             raise MedclfError(f"unknown --protocol {p!r} ({', '.join(PROTOCOLS)})")
     classes = cache.classes
-    if shape is not None and list(cache.shape) != list(shape):
-        raise MedclfError(f"the data's images are {list(cache.shape)} (C, H, W), the encoder's {list(shape)}: "
-                          "ingest with the run's --size and windows", cache.path)
+    if shape is not None:
+        from medclf.runs import check_compatible
+
+        check_compatible({"shape": list(shape)}, cache, what="the encoder")
     if len(classes) < 2:
         raise MedclfError("zero-shot evaluation needs a cache with at least 2 single-label classes", cache.path)
     ref_x, ref_y = _split_tensors(cache, cfg.reference_split)

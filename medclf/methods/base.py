@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from medclf.scoring.base import Scorer
-from medclf.training.loop import LossFn
+
+#: a method's training objective: (model, batch, generator) -> scalar loss; every random draw uses the generator
+LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
 
 
 class Method:
@@ -20,6 +22,8 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    #: "classifier" (``finetune``: classes, a scorer, calibration) or "pretrain" (``pretrain``: no labels)
+    kind: ClassVar[str] = "classifier"
     #: can train on a multi-label cache (independent binary labels, e.g. CheXpert's 14 observations)
     supports_multilabel: ClassVar[bool] = False
     #: "single" (one class per image) or "multilabel"; set by finetune / load_model from the data/run
@@ -62,7 +66,26 @@ class Method:
         raise NotImplementedError
 
     def prepare(self, model: nn.Module, in_channels: int, image_size: int) -> dict:
-        """Before the first step of a new run (not on resume or load): starting weights, if any."""
+        """Before the first step of a new run (not on resume or load): starting weights, if any.
+
+        Returns how the weights started (``models.backbone.start_encoder``'s record); the run keeps
+        it and the CLI shows missing keys, so a partial load is never silent."""
+        return {"init": "random"}
+
+    def encoder_of(self, model: nn.Module) -> nn.Module | None:
+        """The image encoder (``Encoder``) zero-shot evaluation embeds with, if the model has one."""
+        return getattr(model, "backbone", None)
+
+    def exports(self, ema: dict) -> dict[str, tuple[dict, dict]]:
+        """Weight files written beside model.safetensors: {file name: (tensors, metadata)}."""
+        return {}
+
+    def record(self, model: nn.Module, in_channels: int, image_size: int, start: dict | None) -> dict[str, Any]:
+        """Entries of the run's config.json beyond the shared ones."""
+        return {}
+
+    def check(self, model: nn.Module, images: torch.Tensor, device: torch.device, seed: int) -> dict[str, Any]:
+        """Checks after training on held-out images (recorded in config.json), for methods without calibration."""
         return {}
 
     def loss_fn(self, n_classes: int) -> LossFn:

@@ -36,16 +36,10 @@ class BackboneMethod(Method):
 
     def prepare(self, model: nn.Module, in_channels: int, image_size: int) -> dict:
         """Before the first step of a new run: hub or local weights into ``model.backbone``."""
-        from medclf.models.backbone import create_encoder, load_encoder_weights
+        from medclf.models.backbone import start_encoder
 
         c = self.config
-        if c.encoder_weights:
-            return load_encoder_weights(model.backbone, c.encoder_weights)
-        if c.pretrained:
-            src = create_encoder(c.backbone, in_channels, image_size, pretrained=True)
-            model.backbone.load_state_dict(src.state_dict())
-            return {"loaded": len(src.state_dict()), "missing": [], "unexpected": []}
-        return {}
+        return start_encoder(model.backbone, c.backbone, in_channels, image_size, c.pretrained, c.encoder_weights)
 
 
 class LinearClassifier(nn.Module):

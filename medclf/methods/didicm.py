@@ -20,7 +20,6 @@ as conditioned network evaluations, as in the paper: steps for CP, N x steps for
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from medclf.errors import MedclfError
 from medclf.methods.base import register_method
 from medclf.methods.baseline import BackboneConfig, BackboneMethod
+from medclf.models.diffusion import timestep_embedding
 from medclf.scoring.label import LabelOutput, LabelScorer, calibrate_label_scorer
 
 SAMPLERS = ("cp", "cl")
@@ -109,14 +109,6 @@ def score_entropy(log_score: torch.Tensor, ct: torch.Tensor, ratios: torch.Tenso
 # ---------------------------------------------------------------- network
 
 
-def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """GLIDE/DiT sinusoidal embedding of a scalar per item (here sigma, as in SEDD and DiDiRN)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    args = x.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 class FiLMBlock(nn.Module):
     """Residual MLP block whose normalised input is scaled and shifted by the condition (FiLM)."""
 
@@ -148,7 +140,7 @@ class ScoreHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        cond = nn.functional.silu(self.label_embed(labels) + self.sigma_embed(sinusoidal(sigma, self.freq_dim)))
+        cond = nn.functional.silu(self.label_embed(labels) + self.sigma_embed(timestep_embedding(sigma, self.freq_dim)))
         h = self.proj(feats)
         for blk in self.blocks:
             h = blk(h, cond)

@@ -19,7 +19,6 @@ XzwHan/CARD; written afresh. Where medclf departs from the released code, the do
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from medclf.errors import MedclfError
 from medclf.methods.base import register_method
 from medclf.methods.baseline import BackboneConfig, BackboneMethod
+from medclf.models.diffusion import make_scheduler, timestep_embedding
 from medclf.scoring.label import LabelOutput, LabelScorer, calibrate_label_scorer
 
 
@@ -61,11 +61,8 @@ class DiffMICConfig(BackboneConfig):
 
 
 def alphas_cumprod(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """a_t of the linear-beta schedule, from MONAI's scheduler (the one place medclf makes schedules)."""
-    from monai.networks.schedulers import DDIMScheduler
-
-    return DDIMScheduler(num_train_timesteps=timesteps, schedule="linear_beta", beta_start=beta_start,
-                         beta_end=beta_end).alphas_cumprod.float()
+    """a_t of the linear-beta schedule, from the shared MONAI scheduler (``medclf.models.diffusion``)."""
+    return make_scheduler(timesteps, "linear_beta", beta_start=beta_start, beta_end=beta_end).alphas_cumprod.float()
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
@@ -124,14 +121,6 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float = 1.0) -> torch.T
         return torch.exp(-torch.cdist(a.float(), b.float()).pow(2) / (2 * bandwidth**2 * d))
 
     return (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()).clamp_min(0)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=1)
 
 
 # ----------------------------------------------------------------------------- DCG

@@ -76,9 +76,9 @@ class DiffusionClassifier(Method):
     Config = DiffusionClassifierConfig
 
     def _scheduler(self):
-        from monai.networks.schedulers import DDPMScheduler
+        from medclf.models.diffusion import make_scheduler
 
-        return DDPMScheduler(num_train_timesteps=self.config.timesteps, schedule=self.config.schedule)
+        return make_scheduler(self.config.timesteps, self.config.schedule)
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
         from medclf.errors import MedclfError
@@ -91,7 +91,9 @@ class DiffusionClassifier(Method):
         return ClassConditionalDenoiser(c.arch, c.model_size, in_channels, n_classes, image_size)
 
     def loss_fn(self, n_classes: int):
-        ab = self._scheduler().alphas_cumprod
+        from medclf.models.diffusion import add_noise
+
+        sched = self._scheduler()
         T, p_drop = self.config.timesteps, self.config.cond_dropout
 
         def loss(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
@@ -102,8 +104,7 @@ class DiffusionClassifier(Method):
             eps = torch.randn(x0.shape, generator=g, device=dev)
             drop = torch.rand(x0.shape[0], generator=g, device=dev) < p_drop
             y = torch.where(drop, torch.full_like(y, n_classes), y)
-            a = ab.to(dev)[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            x_t = add_noise(sched, x0, eps, t)
             return nn.functional.mse_loss(model(x_t, t, y).float(), eps)
 
         return loss
@@ -120,7 +121,7 @@ class DiffusionClassifier(Method):
                             adaptive=opts.get("adaptive", c.adaptive), prune_z=opts.get("prune_z", c.prune_z),
                             chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0))
         model.eval().to(device)
-        return DenoisingScorer(model, self._scheduler().alphas_cumprod, classes, cfg,
+        return DenoisingScorer(model, self._scheduler(), classes, cfg,
                                temperature=float(calibration.get("temperature", 1.0)), bias=calibration.get("bias"),
                                device=device)
 

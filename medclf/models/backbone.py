@@ -175,7 +175,7 @@ def load_encoder_weights(enc: Encoder, path: str | Path) -> dict:
     (DINOv2, CLIP, ...). Classifier heads are dropped; input channels are adapted as timm does for
     its own pretrained weights (summing/repeating RGB kernels).
     """
-    from medclf.training.run import load_torch_weights
+    from medclf.io.weights import load_torch_weights
 
     path = Path(path)
     sd = load_torch_weights(path)
@@ -207,3 +207,20 @@ def load_encoder_weights(enc: Encoder, path: str | Path) -> dict:
     missing = [k for k in own if k not in fitted]
     net.load_state_dict(fitted, strict=False)
     return {"loaded": len(fitted), "missing": missing, "unexpected": [k for k in sd if k not in own]}
+
+
+def start_encoder(enc: Encoder, name: str, in_chans: int, image_size: int, pretrained: bool = False,
+                  weights: str | Path | None = None) -> dict:
+    """Starting weights of a new run's encoder: a local file (wins), timm's hub, or the seed's random init.
+
+    Returns what the run records (and the CLI shows): {"init": "file"|"hub"|"random", and for a file
+    "file", "loaded", "missing" and "unexpected" key lists}, so a partial load is never silent.
+    """
+    if weights:
+        info = load_encoder_weights(enc, weights)
+        return {"init": "file", "file": str(weights), **info}
+    if pretrained:
+        src = create_encoder(name, in_chans, image_size, pretrained=True)
+        enc.load_state_dict(src.state_dict())
+        return {"init": "hub", "loaded": len(src.state_dict()), "missing": [], "unexpected": []}
+    return {"init": "random"}

@@ -1,7 +1,8 @@
 """A compact DiT (Peebles & Xie 2023) built from timm's blocks, conditioned by adaLN-Zero.
 
-timm provides the patch embedding, attention and MLP; what it lacks is the diffusion-specific
-glue (timestep embedding, adaLN modulation, the un-patchifying final layer), written here.
+timm provides the patch embedding, attention and MLP, and MONAI the sinusoidal timestep embedding
+(``medclf.models.diffusion``); what they lack is the DiT-specific glue (adaLN modulation, the
+un-patchifying final layer), written here.
 Conditioning: timestep + optional class label (with a null class for classifier-free dropout) +
 optional representation vector (for representation-conditioned pretraining), summed into one
 vector that modulates every block and the final layer.
@@ -9,12 +10,12 @@ vector that modulates every block and the final layer.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 from torch import nn
+
+from medclf.models.diffusion import timestep_embedding
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -30,10 +31,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
 class DiTBlock(nn.Module):

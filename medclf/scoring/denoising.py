@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from medclf.data.cache import to_unit_float
+from medclf.models.diffusion import add_noise, as_scheduler
 from medclf.scoring.base import Prediction, entropy
+
+if TYPE_CHECKING:
+    from monai.networks.schedulers import Scheduler
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, y) -> eps_hat
 
@@ -52,9 +56,12 @@ def van_der_corput(n: int) -> torch.Tensor:
 
 
 class DenoisingScorer:
-    """Scorer over any class-conditional eps-predicting denoiser and its alpha-bar schedule."""
+    """Scorer over any class-conditional eps-predicting denoiser and its schedule.
 
-    def __init__(self, denoiser: Denoiser, alphas_cumprod: torch.Tensor, classes: list[str], cfg: ScoringConfig,
+    ``schedule``: a MONAI scheduler, or a bare alpha-bar tensor (T,) (``medclf.models.diffusion.as_scheduler``).
+    """
+
+    def __init__(self, denoiser: Denoiser, schedule: Scheduler | torch.Tensor, classes: list[str], cfg: ScoringConfig,
                  temperature: float = 1.0, bias: list[float] | None = None, device: torch.device | str = "cpu"):
         self.denoiser = denoiser
         self.classes = list(classes)
@@ -62,8 +69,14 @@ class DenoisingScorer:
         self.temperature = temperature
         self.bias = torch.tensor(bias if bias else [0.0] * len(classes), dtype=torch.float32)
         self.device = torch.device(device)
-        self.ab = alphas_cumprod.to(self.device, torch.float32)
+        self.sched = as_scheduler(schedule)
+        self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(self.device, torch.float32)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def ab(self) -> torch.Tensor:
+        """The alpha-bar schedule (T,), on the scorer's device."""
+        return self.sched.alphas_cumprod
 
     # --------------------------------------------------------------------------------- trials
     def bank(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +102,8 @@ class DenoisingScorer:
         for s in range(0, len(bb), self.cfg.chunk):
             b, k, c = bb[s : s + self.cfg.chunk], kk[s : s + self.cfg.chunk], cc[s : s + self.cfg.chunk]
             t = t_bank[k]
-            a = self.ab[t].view(-1, 1, 1, 1)
             eps = eps_bank[k]
-            x_t = a.sqrt() * x[b] + (1 - a).sqrt() * eps  # (L, C, H, W)
+            x_t = add_noise(self.sched, x[b], eps, t)  # (L, C, H, W)
             err = (eps - self.denoiser(x_t, t, c).float()) ** 2  # (L, C, H, W)
             out[s : s + len(b)] = err.mean(dim=(1, 2, 3))
             if maps is not None:
@@ -193,11 +205,12 @@ class DenoisingScorer:
         t = torch.full((B * K,), int(t_frac * (len(self.ab) - 1)), device=self.device, dtype=torch.long)
         g = torch.Generator().manual_seed(self.cfg.seed + 1)
         eps = torch.randn(x.shape[1:], generator=g).to(self.device).expand(B * K, *x.shape[1:])
-        a = self.ab[t].view(-1, 1, 1, 1)
-        xr = x.repeat_interleave(K, 0)
-        x_t = a.sqrt() * xr + (1 - a).sqrt() * eps
+        x_t = add_noise(self.sched, x.repeat_interleave(K, 0), eps, t)
         c = torch.arange(K, device=self.device).repeat(B)
         eps_hat = torch.cat([self.denoiser(x_t[s : s + self.cfg.chunk], t[s : s + self.cfg.chunk], c[s : s + self.cfg.chunk]).float()
                              for s in range(0, B * K, self.cfg.chunk)])
+        # Hand-written: MONAI's only x0 estimate sits inside DDPMScheduler.step, which takes one int t
+        # and also forms x_{t-1}, drawing its noise (from the global RNG unless given a generator).
+        a = self.ab[t].view(-1, 1, 1, 1)
         x0 = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
         return ((x0.clamp(-1, 1) + 1) / 2).view(B, K, *x.shape[1:])

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from medclf.data.cache import to_unit_float
 from medclf.errors import MedclfError
-from medclf.training.run import (CHECKPOINTS, METRICS, checkpoint_dirs, commit_checkpoint, load_tensors, save_tensors)
+from medclf.io.weights import load_tensors, save_tensors
+from medclf.methods.base import LossFn
+from medclf.runs import CHECKPOINTS, METRICS, checkpoint_dirs, commit_checkpoint
 
 
 @dataclass
@@ -49,7 +51,6 @@ class TrainConfig:
     label_fraction: float = 1.0  #: train on this seeded, class-stratified share of the labelled train split
 
 
-LossFn = Callable[[nn.Module, dict, torch.Generator], torch.Tensor]
 ProgressFn = Callable[[dict], None]
 
 

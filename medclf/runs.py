@@ -1,0 +1,251 @@
+"""What a run is: one folder, written atomically, loaded without ever unpickling.
+
+    RUN/config.json        kind, method, its config, training config, cache fingerprint, classes,
+                           preprocessing, shape, how the weights started, medclf version, run format
+    RUN/model.safetensors  inference weights (the EMA of the trained model)
+    RUN/<extra>.safetensors  what a method exports beside it (a pretraining run's encoder)
+    RUN/metrics.jsonl      training curve
+    RUN/checkpoints/step-NNNNNNN/  model, ema, optimizer (safetensors) + state.json, for --resume
+
+Every command that reads or writes a run goes through this module: finetune and pretrain share
+its write/resume steps, and finetune --init, eval, zero-shot and classify share
+``check_compatible`` and the loaders. It sits above ``methods`` (a run is rebuilt by its method)
+and below ``training`` (which writes runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medclf import __version__
+from medclf.atomic import atomic_write_text
+from medclf.errors import MedclfError
+from medclf.io.weights import load_tensors, save_tensors
+from medclf.methods import Method, get_method
+
+RUN_FORMAT = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("kind", "classifier")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config["classes"]
+
+    def weights(self, name: str = WEIGHTS) -> dict:
+        return load_tensors(self.path / name)
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    config = {"run_format": RUN_FORMAT, "medclf_version": __version__, **config}
+    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=1, sort_keys=True, default=str))
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / CONFIG
+    if not cfg_path.exists():
+        raise MedclfError("not a medclf run (no config.json); train one with `medclf finetune`", path)
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MedclfError(f"unreadable config.json ({e})", path) from None
+    if int(config.get("run_format", 0)) > RUN_FORMAT:
+        raise MedclfError(f"this run was written by medclf {config.get('medclf_version')} (run format "
+                          f"{config.get('run_format')}), newer than this medclf {__version__}: upgrade medclf", path)
+    return config
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.exists():
+        raise MedclfError("model run not found", path)
+    config = read_config(path)
+    if not (path / WEIGHTS).exists():
+        raise MedclfError("run has no model.safetensors (training did not finish? resume it with --resume)", path)
+    return Run(path=path, config=config)
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """--model, else $MEDCLF_MODEL, else an error that says how to get a model."""
+    if model:
+        return Path(model)
+    env = os.environ.get("MEDCLF_MODEL")
+    if env:
+        return Path(env)
+    raise MedclfError("no model given: pass --model RUN (a folder written by `medclf finetune`) or set MEDCLF_MODEL")
+
+
+# --- compatibility: one check for every place a run meets data -------------------------------------------
+
+
+@dataclass
+class DataSpec:
+    """What ``check_compatible`` reads of data: a ``CacheInfo`` has the same three attributes."""
+
+    shape: tuple
+    preprocessing: dict
+    path: Path | str | None = None
+
+
+def check_compatible(run: Run | dict, data, what: str = "the model") -> None:
+    """Refuse data the run was not built for: channels and image shape, then the preprocessing
+    fingerprint (windows, intensity scaling, resize rules). ``run``: a Run or its config;
+    ``data``: a ``CacheInfo`` or a ``DataSpec`` (classify's preprocessed inputs)."""
+    from medclf.preprocessing import PreprocessConfig
+
+    config = run.config if isinstance(run, Run) else run
+    want, got = list(config["shape"]), list(data.shape)
+    verb = "pretrained" if config.get("kind") == "pretrain" else "trained"
+    if want != got:
+        fix = "--window / --channels" if want[0] != got[0] else "--size"
+        raise MedclfError(f"the data's images are {got} (C, H, W), {what} was {verb} on {want}: ingest with the "
+                          f"run's {fix}", data.path)
+    mine, theirs = config.get("preprocessing"), data.preprocessing
+    if mine and theirs:
+        a, b = PreprocessConfig.from_dict(mine), PreprocessConfig.from_dict(theirs)
+        if a.fingerprint() != b.fingerprint():
+            da, db = a.to_dict(), b.to_dict()
+            diff = ", ".join(f"{k} {db.get(k)} vs {v}" for k, v in sorted(da.items()) if db.get(k) != v and k != "window_values")
+            raise MedclfError(f"the data was preprocessed differently from what {what} was {verb} on ({diff}); "
+                              "ingest it with the run's settings, or pass the raw folder so medclf ingests it so",
+                              data.path)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def build_from_run(run: Run) -> tuple[Method, torch.nn.Module]:
+    """(method, model with the run's weights) rebuilt from its config; weights via safetensors only."""
+    method = get_method(run.method).from_options(run.config["method_config"])
+    method.task = run.config.get("task", "single")
+    C, H, _ = run.config["shape"]
+    model = method.build(C, len(run.config.get("classes") or []), H)
+    try:
+        model.load_state_dict(run.weights())
+    except RuntimeError as e:
+        raise MedclfError(f"weights do not fit the recorded model ({' '.join(str(e).split())[:120]})", run.path) from None
+    return method, model
+
+
+def load_classifier(run_path: str | Path, device: torch.device | None = None):
+    """(run, method, model on device, eval mode) for a finished classifier run."""
+    run = load_run(run_path)
+    if run.kind != "classifier":
+        raise MedclfError("a pretraining run holds an encoder, not a classifier: use `medclf eval --zero-shot`, "
+                          "`medclf sample` or `medclf finetune --init RUN`", run.path)
+    method, model = build_from_run(run)
+    return run, method, model.to(device or torch.device("cpu")).eval()
+
+
+def load_pretraining(run_path: str | Path, device: torch.device | None = None):
+    """(run, method, model on device, eval mode) for a finished pretraining run."""
+    run = load_run(run_path)
+    if run.kind != "pretrain":
+        raise MedclfError("not a pretraining run (written by `medclf pretrain`)", run.path)
+    method, model = build_from_run(run)
+    return run, method, model.to(device or torch.device("cpu")).eval()
+
+
+def load_encoder(run_path: str | Path):
+    """(run, Encoder) of a run: a pretraining run's encoder, or ``model.backbone`` of a classifier with one."""
+    run = load_run(run_path)
+    method, model = build_from_run(run)
+    enc = method.encoder_of(model)
+    if enc is None:
+        raise MedclfError(f"method {run.method!r} has no image encoder to evaluate zero-shot", run.path)
+    return run, enc.eval()
+
+
+def load_init_encoder(init: str | Path) -> tuple[str, dict, Run]:
+    """(encoder name, Encoder state dict, run) of a pretraining run: what ``finetune --init`` loads."""
+    run = load_run(init)
+    if run.kind != "pretrain":
+        raise MedclfError("--init expects a run written by `medclf pretrain`", run.path)
+    enc = run.config["encoder"]
+    return enc["name"], run.weights(enc["weights"]), run
+
+
+def start_warnings(start: dict | None) -> list[str]:
+    """What a user must hear about how a run's weights started: a partial load is never silent."""
+    if not start or not start.get("missing") and not start.get("unexpected"):
+        return []
+    src = start.get("file", "the starting weights")
+    out = []
+    if start.get("missing"):
+        m = start["missing"]
+        out.append(f"{len(m)} encoder tensor(s) were not in {src} and start from the random init "
+                   f"(e.g. {', '.join(m[:3])}); all are listed under start.missing in config.json")
+    if start.get("unexpected"):
+        u = start["unexpected"]
+        out.append(f"{len(u)} tensor(s) of {src} fit no encoder parameter and were ignored (e.g. {', '.join(u[:3])})")
+    return out
+
+
+# --- writing: the steps finetune and pretrain share ------------------------------------------------------
+
+
+def resumed_record(out: Path, cache, kind: str) -> dict:
+    """The config of the run to ``--resume``; refuses a missing run, another kind, or other data."""
+    if not (out / CONFIG).exists():
+        raise MedclfError("nothing to resume: no config.json", out)
+    saved = read_config(out)
+    if saved.get("kind", "classifier") != kind:
+        raise MedclfError(f"not a {kind} run: resume it with the command that wrote it", out)
+    if saved["cache_fingerprint"] != cache.fingerprint:
+        raise MedclfError(f"this run was trained on cache {saved['cache_fingerprint']}, not {cache.fingerprint}", out)
+    return saved
+
+
+def data_record(cache) -> dict:
+    """What a run records of the data it was trained on (enough for ``check_compatible``)."""
+    return {"cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "shape": list(cache.shape),
+            "preprocessing": cache.manifest["preprocessing"], "dataset": cache.manifest["dataset"],
+            "split_seed": cache.manifest.get("seed", 0)}
+
+
+def open_run(out: Path, record: dict, resume: bool) -> None:
+    """Create the run folder and write its config before the first step (refuses to overwrite a trained run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / WEIGHTS).exists():
+        raise MedclfError("already holds a trained model; choose a new --out (or --resume to train longer)", out)
+    write_config(out, record)
+
+
+def save_weights(out: Path, method: Method, ema: dict) -> None:
+    """The inference weights, then whatever the method exports beside them (each file atomic)."""
+    save_tensors(out / WEIGHTS, ema, metadata={"method": method.name})
+    for name, (tensors, meta) in method.exports(ema).items():
+        save_tensors(out / name, tensors, metadata=meta)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint folder appears only once fully written)."""
+    d = run_dir / CHECKPOINTS
+    return sorted(p for p in d.glob("step-*") if p.is_dir()) if d.exists() else []
+
+
+def commit_checkpoint(tmp_dir: Path, final: Path, keep: int = 2) -> None:
+    os.replace(tmp_dir, final)
+    for old in checkpoint_dirs(final.parent.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""The one run flow ``finetune`` and ``pretrain`` share: resume or start, train, save, check, record.
+
+    resume?  -> the run's own recorded method and training config (``--steps`` may extend it)
+    build    -> seeded model; on a new run the method's starting weights (recorded, never silent)
+    open     -> run folder + config.json before the first step (rank 0 only)
+    train    -> the shared loop (checkpoints, metrics.jsonl)
+    save     -> EMA weights + the method's exports, atomically
+    finish   -> the caller's post-training step (calibration / collapse check) into config.json
+    verify   -> the run just written must load
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medclf.methods import Method, get_method
+from medclf.runs import build_from_run, load_run, open_run, resumed_record, save_weights, write_config
+from medclf.training.loop import ProgressFn, TrainConfig, distributed_env, train
+
+
+@dataclass
+class Fit:
+    """What a finished (or, on ranks > 0, joined) fit hands back to its command."""
+
+    run: Path
+    method: Method
+    model: nn.Module
+    record: dict
+    train_cfg: TrainConfig
+    result: dict = field(default_factory=dict)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.result.get("rank", 0) == 0
+
+
+def resumed(out: Path, cache, kind: str, train_cfg: TrainConfig) -> tuple[dict, TrainConfig]:
+    """(saved config, its training config with ``steps`` at least the asked-for and this machine's device/workers)."""
+    saved = resumed_record(out, cache, kind)
+    cfg = TrainConfig(**{**saved["train"], "steps": max(train_cfg.steps, saved["train"]["steps"]),
+                         "device": train_cfg.device, "num_workers": train_cfg.num_workers})
+    return saved, cfg
+
+
+def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dict, train_cfg: TrainConfig, *,
+        resume: bool, progress: ProgressFn | None = None, start: dict | None = None,
+        load_start: Callable[[nn.Module], dict] | None = None) -> Fit:
+    """Build, (start,) open, train and save a run; returns the EMA model for the caller's checks.
+
+    ``record``: the config.json entries the caller knows (data, classes, ...); ``start`` on resume is
+    the recorded start; ``load_start(model)`` replaces ``method.prepare`` (``finetune --init``).
+    """
+    C, H, W = record["shape"]
+    rank, _, _ = distributed_env()
+    torch.manual_seed(train_cfg.seed)  # the random init is the seed's ("untrained" zero-shot baseline = it)
+    model = method.build(C, n_classes, H)
+    if not resume:
+        start = load_start(model) if load_start else method.prepare(model, C, H)
+    record = {"kind": method.kind, "method": method.name, "method_config": method.config_dict(),
+              "train": asdict(train_cfg), "n_train": len(dataset), "seed": train_cfg.seed, "start": start,
+              **method.record(model, C, H, start), **record}
+    if rank == 0:
+        open_run(out, record, resume)
+    result = train(model, method.loss_fn(n_classes), dataset, train_cfg, out, resume=resume, progress=progress)
+    done = Fit(run=out, method=method, model=model, record=record, train_cfg=train_cfg, result=result)
+    if rank == 0:
+        save_weights(out, method, result["ema"])
+        model.load_state_dict(result["ema"])
+    return done
+
+
+def finish(done: Fit, **entries: Any) -> dict:
+    """Write the final config.json (the checks' results added) and make sure the run loads."""
+    record = {**done.record, **entries, "world_size": done.result["world_size"]}
+    write_config(done.run, record)
+    build_from_run(load_run(done.run))  # the run we just wrote must load
+    return record
+
+
+def method_for(name: str, options: dict, kind: str) -> Method:
+    """A registered method of ``kind`` (a pretraining method cannot be fine-tuned, and the reverse)."""
+    from medclf.errors import MedclfError
+
+    cls = get_method(name)
+    if cls.kind != kind:
+        cmd = "medclf pretrain" if cls.kind == "pretrain" else "medclf finetune"
+        raise MedclfError(f"--method {name} is a {cls.kind} method: run it with `{cmd}`")
+    return cls.from_options(options)
