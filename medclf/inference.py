@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from medclf.errors import MedclfError, ReadError
 from medclf.io import ImageData, is_dicom, read_dicom_series, read_image
+from medclf.io.dicom import order_series, tolerated_warnings
 from medclf.preprocessing import PreprocessConfig, preprocess
 from medclf.scoring.base import Prediction
 
@@ -19,35 +21,180 @@ LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Inputs as given, with text files of paths (and ``-`` for stdin) expanded to their lines."""
+    """Inputs as given, with text files of paths (and ``-`` for stdin) expanded to their lines.
+
+    Raises MedclfError when nothing is left (``-`` with empty stdin, empty list files): a pipeline
+    whose ``find`` matched nothing must not look like a successful run."""
     out: list[str] = []
+    empty: list[str] = []
     for s in inputs:
         if s == "-":
-            out += [line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")]
+            got = [line.strip() for line in sys.stdin if line.strip() and not line.strip().startswith("#")]
+            if not got:
+                empty.append("stdin was empty")
+            out += got
         elif Path(s).suffix.lower() in LIST_SUFFIXES and Path(s).is_file():
             base = Path(s).parent
+            n = len(out)
             for line in Path(s).read_text().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     p = Path(line)
                     out.append(str(p if p.is_absolute() or p.exists() else base / p))
+            if len(out) == n:
+                empty.append(f"{s} lists no paths")
         else:
             out.append(s)
+    if not out:
+        raise MedclfError("no inputs: " + "; ".join(empty or ["none given"]))
     return out
 
 
+@dataclass
+class Planned:
+    """One thing to score: a file, or one DICOM series found in a folder."""
+
+    name: str  #: the rows' ``input``: a file's path; a series: the folder given, or (several series) its folder + ``#label``
+    paths: list[str]  #: the files to read
+    series: str | None = None  #: a series' label (SeriesNumber, Modality, pseudonym of the UID); None for a file
+    headers: dict = field(default_factory=dict)  #: path -> ``header_summary`` of a series' files (slice order)
+
+
+def _series_label(first: str, sid: str) -> str:
+    """``series-<SeriesNumber>-<Modality>-<8 hex of the series pseudonym>``: what a viewer shows, never
+    a patient's name or ID (the pseudonym keeps series with the same number apart)."""
+    import pydicom
+
+    parts = ["series"]
+    try:
+        with tolerated_warnings(first):
+            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesNumber", "Modality"])
+            number, modality = ds.get("SeriesNumber"), ds.get("Modality")
+            try:
+                number = None if number is None or str(number).strip() == "" else int(float(number))
+            except (TypeError, ValueError):
+                number = None
+    except Exception:  # the header was read once already (grouping): a failure here only costs the label
+        number = modality = None
+    if number is not None:
+        parts.append(str(number))
+    mod = re.sub(r"[^A-Za-z0-9]+", "", str(modality or ""))[:8]
+    if mod:
+        parts.append(mod)
+    parts.append(sid[:8])
+    return "-".join(parts)
+
+
+def plan_folder(src: str) -> tuple[list[Planned], list[ReadError], list[str]]:
+    """A folder's image files, planned as ``medclf ingest`` plans them: DICOM files grouped into
+    series by their headers (``datasets.generic.dicom_units``: SeriesInstanceUID and image shape;
+    different series are never merged), every other image file (PNG/JPEG/TIFF/NIfTI) on its own.
+
+    Returns (what to score, one ReadError per file whose header could not be read, notes)."""
+    from medclf.datasets.base import Plan
+    from medclf.datasets.generic import dicom_units
+    from medclf.io import is_image_file
+
+    root = Path(src)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    dicomdirs = [p for p in files if p.name.upper() == "DICOMDIR"]  # its referenced files are found by the walk
+    images = [p for p in files if p.name.upper() != "DICOMDIR" and is_image_file(p)]
+    notes = []
+    skipped = len(files) - len(images) - len(dicomdirs)
+    if skipped:
+        notes.append(f"{src}: skipped {skipped} non-image file(s)")
+    headers: dict[str, object] = {}
+
+    def mapper(fn, xs):  # sequential, keeping the header summaries for slice -> file
+        res = [fn(x) for x in xs]
+        headers.update(zip(xs, res))
+        return res
+
+    plan = Plan(dataset="classify", units=[])
+    dicoms = [p for p in images if is_dicom(p)]
+    units = dicom_units([(root, p, None) for p in dicoms], mapper, plan) if dicoms else []
+    errors = [ReadError(reason, path) for path, reason in plan.errors]
+    out: list[Planned] = []
+    for u in units:
+        if u.kind != "series":
+            out.append(Planned(name=u.paths[0], paths=u.paths))
+            continue
+        hs = {p: headers[p] for p in u.paths}
+        order = order_series([hs[p] for p in u.paths])
+        out.append(Planned(name="", paths=u.paths, series=_series_label(u.paths[0], u.key),
+                           headers={u.paths[i]: hs[u.paths[i]] for i in order}))
+    out += [Planned(name=str(p), paths=[str(p)]) for p in images if not is_dicom(p)]
+    out.sort(key=lambda x: x.paths[0])
+    series = [x for x in out if x.series]
+    if len(series) == 1:
+        series[0].name = src  # the folder's only series: named by the folder as given (files by their paths)
+    else:
+        used: set[str] = set()
+        for x in series:
+            rel = Path(x.paths[0]).parent.relative_to(root).as_posix()
+            base = f"{src if rel == '.' else str(Path(src) / rel)}#{x.series}"
+            name, k = base, 1
+            while name in used:  # one series split by image shape (a localizer): still one name each
+                k += 1
+                name = f"{base}-{k}"
+            used.add(name)
+            x.name = name
+    if not out and not errors:
+        errors.append(ReadError("folder holds no image files (DICOM, NIfTI, PNG, JPEG or TIFF)", src))
+    return out, errors, notes
+
+
+def _read_planned(item: Planned) -> tuple[ImageData, list[ReadError], list[str] | None]:
+    """(image, one ReadError per file of a series left out, the file of each slice or None)."""
+    if item.series is None:
+        return read_image(Path(item.paths[0])), [], None
+    paths = list(item.headers)  # anatomical order
+    try:
+        img, errors = read_dicom_series([Path(p) for p in paths])
+    except ReadError:
+        # no file of the series could be read: name each one with its own reason
+        errs = []
+        for p in paths:
+            try:
+                read_image(Path(p))
+            except ReadError as e:
+                errs.append(ReadError(e.message, e.path or p))
+        if len(errs) == len(paths):
+            raise _AllFailed(errs) from None
+        raise
+    if errors:  # the series was read without them: say so in every row and on stderr (never silent)
+        img.meta["skipped_files"] = len(errors)
+        img.meta["skipped_reasons"] = sorted({reason for _, reason in errors})[:3]
+    failed = {p for p, _ in errors}
+    kept = [p for p in paths if p not in failed]
+    hs = [item.headers[p] for p in kept]
+    # read_dicom_series orders the files it kept by the same ImagePositionPatient/Orientation values
+    # (header_summary reads them alike), so slice k is kept[order[k]] when every file is one slice with
+    # a position; otherwise (instance numbers, enhanced multi-frame) rows name the series' first file
+    slice_files = None
+    if len(kept) == img.n_slices and all(h.get("frames", 1) == 1 and h.get("ipp") and h.get("iop") for h in hs):
+        slice_files = [kept[i] for i in order_series(hs)]
+    return img, [ReadError(reason, p) for p, reason in errors], slice_files
+
+
+class _AllFailed(Exception):
+    def __init__(self, errors: list[ReadError]):
+        self.errors = errors
+
+
 def load_input(path: str | Path) -> ImageData:
-    """A file of any supported kind, or a folder holding one DICOM series."""
+    """A file of any supported kind, or a folder holding one DICOM series (refused if it holds more)."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and is_dicom(f))
-        if not files:
-            raise ReadError("folder holds no DICOM files (pass image files, or a DICOM series folder)", p)
-        img, errors = read_dicom_series(files)
-        if errors:  # the series was read without them: say so in every row and on stderr (never silent)
-            img.meta["skipped_files"] = len(errors)
-            img.meta["skipped_reasons"] = sorted({reason for _, reason in errors})[:3]
-        return img
+        items, errors, _ = plan_folder(str(path))
+        if not items:
+            raise errors[0] if errors else ReadError("folder holds no image files", p)
+        if len(items) > 1:
+            raise ReadError(f"folder holds {len(items)} series/images; pass one series folder or one file", p)
+        try:
+            return _read_planned(items[0])[0]
+        except _AllFailed as e:
+            raise e.errors[0] from None
     return read_image(p)
 
 
@@ -57,37 +204,83 @@ class Scored:
     image: ImageData
     scan: np.ndarray  #: (S, C, size, size) preprocessed
     prediction: Prediction
+    series: str | None = None  #: a DICOM series' label (see ``_series_label``); None for a file
+    files: list[str] | None = None  #: a series' files (the ones read)
+    slice_files: list[str] | None = None  #: the file of each slice, when each file is one slice
 
 
-def prepare(img: ImageData, pre: PreprocessConfig, path: str) -> np.ndarray:
+def prepare(img: ImageData, pre: PreprocessConfig, path: str, with_scaling: bool = False):
+    """(S, C, size, size) in [0, 1] as the run's preprocessing makes it (and, asked, how it was scaled)."""
     try:
-        x, _ = preprocess(img, pre)
+        x, how = preprocess(img, pre)
     except ReadError as e:
         raise ReadError(e.message, path) from None
-    return x
+    return (x, how) if with_scaling else x
+
+
+def plan_inputs(inputs: list[str], notes: Callable[[str], None] | None = None) -> Iterator[Planned | ReadError]:
+    """Each input as what to score: a file as itself, a folder as its series and image files
+    (``plan_folder``), with a ReadError for each file of a folder that cannot be planned."""
+    for src in inputs:
+        if not Path(src).is_dir():
+            yield Planned(name=src, paths=[src])
+            continue
+        try:
+            items, errors, folder_notes = plan_folder(src)
+        except OSError as e:
+            yield ReadError(f"folder cannot be listed ({e.strerror or type(e).__name__})", src)
+            continue
+        for n in folder_notes:
+            if notes is not None:
+                notes(n)
+        yield from errors
+        yield from items
 
 
 def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: int = 32,
-                 explain: bool = False, run=None) -> Iterator[Scored | ReadError]:
-    """Yield a ``Scored`` per readable input and a ``ReadError`` per bad one; never stops early.
+                 explain: bool = False, run=None, notes: Callable[[str], None] | None = None) -> Iterator[Scored | ReadError]:
+    """Yield a ``Scored`` per readable file or DICOM series and a ``ReadError`` per bad file; never stops early.
 
-    With ``run``, each preprocessed input is checked against it (``runs.check_compatible``)."""
+    A folder is planned as ingest plans it (``plan_folder``): one ``Scored`` per series (never two
+    series merged) and per other image file, and a ReadError naming each file that could not be read,
+    including files a series was read without (after that series' ``Scored``). With ``run``, each
+    preprocessed input is checked against it (``runs.check_compatible``). ``notes`` receives what the
+    user should know but is no failure (non-image files skipped in a folder)."""
     from medclf.runs import DataSpec, check_compatible
 
-    for src in inputs:
+    for item in plan_inputs(inputs, notes):
+        if isinstance(item, ReadError):
+            yield item
+            continue
+        src = item.name
+        left_out: list[ReadError] = []
         try:
-            img = load_input(src)
-            x = prepare(img, pre, src)
+            img, left_out, slice_files = _read_planned(item)
+            x, how = prepare(img, pre, src, with_scaling=True)
             if run is not None:
-                check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src))
+                check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src, intensity=how))
+        except _AllFailed as e:
+            yield from e.errors
+            continue
         except ReadError as e:
             yield e if e.path else ReadError(e.message, src)
+            yield from left_out
             continue
         except MedclfError as e:
             yield ReadError(e.message, src)
+            yield from left_out
+            continue
+        except Exception as e:  # a decoder bug on one input must not stop the rest (as in ingest)
+            yield ReadError(f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:160]}", src)
             continue
         preds = [scorer.predict(torch.from_numpy(x[i : i + batch_size]), explain=explain) for i in range(0, len(x), batch_size)]
-        yield Scored(source=src, image=img, scan=x, prediction=_concat(preds))
+        files = None
+        if item.series is not None:
+            failed = {e.path for e in left_out}
+            files = [p for p in item.headers if p not in failed]
+        yield Scored(source=src, image=img, scan=x, prediction=_concat(preds), series=item.series, files=files,
+                     slice_files=slice_files)
+        yield from left_out
 
 
 def _concat(preds: list[Prediction]) -> Prediction:
@@ -113,7 +306,11 @@ def input_warnings(scored: Scored) -> list[str]:
 
 
 def rows(scored: Scored, classes: list[str]) -> list[dict]:
-    """One output row per slice (one for a 2-D image). Multi-label runs predict a list of findings."""
+    """One output row per slice (one for a 2-D image). Multi-label runs predict a list of findings.
+
+    ``input`` names the file, or the series (see ``Planned.name``); a series' rows add ``series``
+    (its label), ``file`` (that slice's file, or the series' first when files hold several frames)
+    and ``n_files``."""
     p = scored.prediction
     out = []
     n = len(p.pred)
@@ -121,6 +318,11 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
         row = {"input": scored.source}
         if n > 1:
             row["slice"] = s
+        if scored.series is not None:  # a DICOM series: its label, the slice's own file (else its first) and size
+            row["series"] = scored.series
+            row["file"] = (scored.slice_files[s] if scored.slice_files and len(scored.slice_files) == n
+                           else (scored.files or [""])[0])
+            row["n_files"] = len(scored.files or [])
         if scored.image.meta.get("skipped_files"):
             row["skipped_files"] = int(scored.image.meta["skipped_files"])
         pred = ([c for c, on in zip(classes, p.pred[s].tolist()) if on] if p.pred.ndim == 2

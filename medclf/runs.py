@@ -106,6 +106,18 @@ class DataSpec:
     shape: tuple
     preprocessing: dict
     path: Path | str | None = None
+    intensity: str | None = None  #: how this input was scaled ("windows:brain", "rgb/255", "percentile:...")
+
+
+def intensity_family(how: str) -> str:
+    """"rgb/255" (a colour photograph) or "grey" (CT in HU windows, or another greyscale scan by percentiles).
+
+    Only colour vs greyscale is refused: a CT slice exported to PNG is still the same anatomy, but a
+    dermoscopy photograph through a head-CT model (or the reverse) can only get a meaningless answer."""
+    return "rgb/255" if how.startswith("rgb") else "grey"
+
+
+_FAMILY_WORDS = {"grey": "greyscale scans", "rgb/255": "colour photographs"}
 
 
 def check_compatible(run: Run | dict, data, what: str = "the model") -> None:
@@ -121,6 +133,12 @@ def check_compatible(run: Run | dict, data, what: str = "the model") -> None:
         fix = "--window / --channels" if want[0] != got[0] else "--size"
         raise MedclfError(f"the data's images are {got} (C, H, W), {what} was {verb} on {want}: ingest with the "
                           f"run's {fix}", data.path)
+    seen, how = config.get("intensities"), getattr(data, "intensity", None)
+    if seen and how and intensity_family(how) not in {intensity_family(h) for h in seen}:
+        want_words = " / ".join(sorted({_FAMILY_WORDS.get(intensity_family(h), h) for h in seen}))
+        raise MedclfError(f"this input reads as {_FAMILY_WORDS.get(intensity_family(how), how)} ({how}), but {what} "
+                          f"was {verb} on {want_words} ({', '.join(seen)}): it would get a confident, meaningless "
+                          "answer", data.path)
     mine, theirs = config.get("preprocessing"), data.preprocessing
     if mine and theirs:
         a, b = PreprocessConfig.from_dict(mine), PreprocessConfig.from_dict(theirs)
@@ -205,8 +223,13 @@ def start_warnings(start: dict | None) -> list[str]:
 # --- writing: the steps finetune and pretrain share ------------------------------------------------------
 
 
-def resumed_record(out: Path, cache, kind: str) -> dict:
-    """The config of the run to ``--resume``; refuses a missing run, another kind, or other data."""
+#: options ``--resume`` may change; every other one continues as recorded (asking for another value is refused)
+RESUME_MAY_CHANGE = ("steps", "device", "num_workers")
+
+
+def resumed_record(out: Path, cache, kind: str, asked: dict | None = None) -> dict:
+    """The config of the run to ``--resume``; refuses a missing run, another kind, other data, or
+    ``asked`` options (given explicitly: {config key: value}) that differ from the recorded ones."""
     if not (out / CONFIG).exists():
         raise MedclfError("nothing to resume: no config.json", out)
     saved = read_config(out)
@@ -214,21 +237,55 @@ def resumed_record(out: Path, cache, kind: str) -> dict:
         raise MedclfError(f"not a {kind} run: resume it with the command that wrote it", out)
     if saved["cache_fingerprint"] != cache.fingerprint:
         raise MedclfError(f"this run was trained on cache {saved['cache_fingerprint']}, not {cache.fingerprint}", out)
+    recorded = {**saved.get("method_config", {}), **saved.get("train", {})}
+    changed = [f"--{k.replace('_', '-')} {v} (recorded: {recorded[k]})" for k, v in (asked or {}).items()
+               if k not in RESUME_MAY_CHANGE and k in recorded and _differs(v, recorded[k])]
+    if changed:
+        raise MedclfError(f"--resume continues with the recorded configuration; these options would change it: "
+                          f"{', '.join(changed)} (only --steps, --device and --workers may change)", out)
     return saved
+
+
+def _differs(asked, recorded) -> bool:
+    if isinstance(asked, float) or isinstance(recorded, float):
+        try:
+            return abs(float(asked) - float(recorded)) > 1e-12 * max(1.0, abs(float(recorded)))
+        except (TypeError, ValueError):
+            return True
+    return str(asked) != str(recorded)
 
 
 def data_record(cache) -> dict:
     """What a run records of the data it was trained on (enough for ``check_compatible``)."""
     return {"cache": str(cache.path), "cache_fingerprint": cache.fingerprint, "shape": list(cache.shape),
             "preprocessing": cache.manifest["preprocessing"], "dataset": cache.manifest["dataset"],
-            "split_seed": cache.manifest.get("seed", 0)}
+            "split_seed": cache.manifest.get("seed", 0),
+            # how the training images were scaled: classify refuses inputs of another kind (RGB through a CT model)
+            "intensities": sorted({it["intensity"] for it in cache.items if it.get("intensity")})[:16]}
 
 
-def open_run(out: Path, record: dict, resume: bool) -> None:
-    """Create the run folder and write its config before the first step (refuses to overwrite a trained run)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / WEIGHTS).exists():
+def refuse_existing(out: Path, unfinished_ok: bool = False) -> None:
+    """A new run never lands on an old one: a refused command must leave the old run as it was.
+    ``unfinished_ok`` (``--resume auto`` with no checkpoint yet): a config without a checkpoint may be replaced."""
+    if (out / WEIGHTS).exists():
         raise MedclfError("already holds a trained model; choose a new --out (or --resume to train longer)", out)
+    if checkpoint_dirs(out) or ((out / CONFIG).exists() and not unfinished_ok):
+        raise MedclfError("holds an unfinished run: pass --resume to continue it (--resume auto starts it if there "
+                          "is nothing to resume), or choose a new --out", out)
+
+
+def should_resume(out: Path, resume: bool | str) -> bool:
+    """``--resume auto``: continue when the run has a checkpoint, start when it has none (elastic restarts)."""
+    if resume == "auto":
+        return bool(checkpoint_dirs(out)) and (out / CONFIG).exists()
+    return bool(resume)
+
+
+def open_run(out: Path, record: dict, resume: bool, unfinished_ok: bool = False) -> None:
+    """Create the run folder and write its config before the first step (refuses to overwrite a run)."""
+    if not resume:
+        refuse_existing(out, unfinished_ok)
+    out.mkdir(parents=True, exist_ok=True)
     write_config(out, record)
 
 

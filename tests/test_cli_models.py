@@ -65,7 +65,9 @@ def test_classify_every_input_kind_and_a_broken_one(tiny_run, tmp_path):
     for r in lines:
         by_input.setdefault(r["input"], []).append(r)
     assert "error" in by_input[str(ins["broken"])][0]
-    for kind in ("dicom", "series", "nifti", "png", "jpeg"):
+    # the RGB dermoscopy JPEG is refused by this greyscale head-CT run (issue #11: it came back "haemorrhage 0.9999")
+    assert "colour photographs" in by_input[str(ins["jpeg"])][0]["error"]
+    for kind in ("dicom", "series", "nifti", "png"):
         rows = by_input[str(ins[kind])]
         assert all(r["prediction"] in ("normal", "haemorrhage") for r in rows), kind
         assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)

@@ -182,15 +182,19 @@ def test_png_map_is_2d_with_canonical_affine(tmp_path):
     assert np.allclose(read_image(out).array[..., 0], m)  # medclf reads it back as drawn
 
 
-def test_single_dicom_uses_pixel_spacing(tmp_path):
+def test_single_dicom_uses_its_own_geometry(tmp_path):
+    # a single file carries its ImagePositionPatient/Orientation and PixelSpacing, as a one-file series does
     img = read_image(rsna_series()[0])
-    assert img.affine is None and img.meta["spacing"]
+    assert img.affine is not None and img.meta["spacing"]
+    assert np.allclose(img.affine, read_dicom_series(rsna_series()[:1])[0].affine)
     S, H, W = img.array.shape[:3]
     out = tmp_path / "m.nii.gz"
     write_nifti_map(out, smooth(S, H, W), img, rsna_series()[0])
     got = nib.load(str(out))
     assert got.shape == (H, W, 1)
     assert np.allclose(np.linalg.norm(got.affine[:3, :2], axis=0), img.meta["spacing"][:2])
+    ipp = np.array(pydicom.dcmread(rsna_series()[0], stop_before_pixels=True).ImagePositionPatient, float)
+    assert np.allclose(got.affine @ [0, 0, 0, 1], [*(ipp * [-1, -1, 1]), 1], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------- PNG overlay

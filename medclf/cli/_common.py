@@ -39,9 +39,42 @@ def fail(message: str, code: int = ExitCode.ERROR) -> "NoReturn":  # noqa: F821
     raise SystemExit(int(code))
 
 
+def resume_auto_flag(argv: list[str]) -> list[str]:
+    """``--resume auto`` -> the hidden ``--resume-auto`` flag: Typer options cannot take an optional value,
+    and ``--resume`` must stay a plain flag for every script that already passes it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] == "--resume" and i + 1 < len(argv) and argv[i + 1] == "auto":
+            out.append("--resume-auto")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def hoist_debug(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--debug`` before a ``--`` separator moved to the front.
+
+    ``--debug`` is the root callback's option, so Click accepts it only before the subcommand;
+    moving it lets ``medclf classify ... --debug`` work for every command without each declaring it.
+    After ``--`` it is an argument (a file named ``--debug``) and stays where it is."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a != "--debug"]
+    if len(head) == end:
+        return list(argv)
+    return ["--debug", *head, *argv[end:]]
+
+
 def run_app(app, argv: list[str], debug_env: str | None = None) -> int:
-    """Run the Typer app; turn library errors into one line and a documented exit code."""
-    debug = "--debug" in argv or (debug_env or "").lower() in ("1", "true", "yes")
+    """Run the Typer app; turn library errors into one line and a documented exit code.
+
+    ``--debug`` (anywhere before ``--``, see ``hoist_debug``) or ``debug_env`` (``$MEDCLF_DEBUG``
+    1/true/yes) re-raises instead: the full traceback, Python's exit status 1."""
+    argv = resume_auto_flag(hoist_debug(list(argv)))
+    debug = argv[:1] == ["--debug"] or (debug_env or "").lower() in ("1", "true", "yes")
     try:
         rc = app(args=argv, prog_name="medclf", standalone_mode=False)
         if rc == 130:  # Typer turns Ctrl-C into exit code 130 itself: no KeyboardInterrupt reaches the handler below
@@ -212,7 +245,24 @@ CheckpointEvery = Annotated[int, typer.Option(min=1, help="Steps between resumab
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Amp = Annotated[str, typer.Option(help="auto | bf16 | fp16 | off (CUDA only).")]
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader workers.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue this run from its last checkpoint.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue this run from its last checkpoint, with its recorded "
+                                      "configuration (only --steps, --device, --workers may change). `--resume auto`: "
+                                      "continue if there is a checkpoint, else start (elastic torchrun restarts).")]
+#: ``--resume auto`` arrives as this hidden flag (``run_app`` rewrites it: Typer has no optional-value options)
+ResumeAuto = Annotated[bool, typer.Option("--resume-auto", hidden=True)]
+
+
+def resume_mode(resume: bool, resume_auto: bool) -> bool | str:
+    return "auto" if resume_auto else resume
+
+
+def given(ctx: typer.Context, values: dict, rename: dict | None = None) -> dict:
+    """The options the user typed (not defaults), as {config key: value}: what ``--resume`` must not change."""
+    rename = rename or {}
+    # compared by name: Typer may vendor its own Click, whose ParameterSource is another class
+    typed = ("COMMANDLINE", "ENVIRONMENT")
+    return {rename.get(k, k): getattr(v, "value", v) for k, v in values.items()
+            if v is not None and getattr(ctx.get_parameter_source(k), "name", None) in typed}
 SummaryJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 
 

@@ -44,18 +44,24 @@ def classify_cmd(
 ) -> None:
     """Classify scans with a trained run, applying the run's recorded preprocessing.
 
-    Exit status 0 if every input was classified, 3 if some failed (each printed on stderr), 1 on a
-    bad model or argument.
+    A folder is read as ingest reads it: its DICOM files grouped into series by their headers
+    (one result per series, never two merged), every other image file on its own. Each row names
+    its input: a file's path; a series by its folder (plus ``#series-<number>-<modality>-<id>`` when
+    the folder holds several series), with the slice's file.
+
+    Exit status 0 if every input was classified, 3 if some file failed (each printed on stderr, one
+    line naming the file), 1 on a bad model or argument, or when there is nothing to classify.
     """
     from medclf.errors import MedclfError
     from medclf.inference import expand_inputs, input_warnings, load_scorer, rows, score_inputs
 
+    paths = expand_inputs(inputs)  # first: "no inputs" needs no model
     run, scorer, pre = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
     classes = run.classes
     failed = 0
     writer = None
     table_rows = []
-    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=batch_size, run=run):
+    for res in score_inputs(paths, scorer, pre, batch_size=batch_size, run=run, notes=lambda m: warn([m])):
         if isinstance(res, MedclfError):
             failed += 1
             if as_json:
@@ -69,21 +75,26 @@ def classify_cmd(
             elif as_csv:
                 if writer is None:
                     writer = csv.writer(sys.stdout)
-                    writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"], "nfe"])
+                    writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"], "nfe",
+                                     "series", "file"])
                 writer.writerow([r["input"], r.get("slice", ""), _pred_text(r["prediction"]), *r["probabilities"].values(),
-                                 *r["uncertainty"].values(), r["nfe"]])
+                                 *r["uncertainty"].values(), r["nfe"], r.get("series", ""), r.get("file", "")])
                 sys.stdout.flush()
             else:
                 table_rows.append(r)
     if table_rows:
+        from pathlib import Path
+
         from rich.table import Table
 
+        with_file = any("file" in r for r in table_rows)  # a series' rows: the slice's file
         t = Table()
-        for col in ["input", "slice", "prediction", *classes, "uncertainty", "NFE"]:
+        for col in ["input", "slice", *(["file"] if with_file else []), "prediction", *classes, "uncertainty", "NFE"]:
             t.add_column(col, overflow="fold")
         for r in table_rows:
-            t.add_row(r["input"], str(r.get("slice", "")), _pred_text(r["prediction"]), *[f"{v:.3f}" for v in r["probabilities"].values()],
-                      _headline(r["uncertainty"]), str(r["nfe"]))
+            file_cell = [Path(r["file"]).name if r.get("file") else ""] if with_file else []
+            t.add_row(r["input"], str(r.get("slice", "")), *file_cell, _pred_text(r["prediction"]),
+                      *[f"{v:.3f}" for v in r["probabilities"].values()], _headline(r["uncertainty"]), str(r["nfe"]))
         out.print(t)
     if failed:
         raise typer.Exit(int(ExitCode.PARTIAL))

@@ -51,7 +51,8 @@ def explain_cmd(
                           "runner-up); this run is multi-label", run.path)
     used: set[str] = set()
     failed = 0
-    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=8, explain=True, run=run):
+    for res in score_inputs(expand_inputs(inputs), scorer, pre, batch_size=8, explain=True, run=run,
+                            notes=lambda m: warn([m])):
         if isinstance(res, MedclfError):
             failed += 1
             err.print(f"error: {res.path}: {res.message}", highlight=False, soft_wrap=True)

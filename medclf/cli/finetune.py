@@ -10,10 +10,11 @@ import typer
 
 from medclf.cli._common import (Amp, BatchSize, CheckpointEvery, ClassifierMethod, ClassifierSize, Device, EmaDecay,
                                 LearningRate, Resume, RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers, err,
-                                out, train_options, train_progress, warn)
+                                out, given, resume_mode, ResumeAuto, train_options, train_progress, warn)
 
 
 def finetune_cmd(
+    ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="Cache written by `medclf ingest`.", show_default=False)],
     out_dir: RunFolder,
     method: Annotated[ClassifierMethod, typer.Option(help="Method to train.")] = "diffusion-classifier",
@@ -38,6 +39,7 @@ def finetune_cmd(
     amp: Amp = "auto",
     workers: Workers = 0,
     resume: Resume = False,
+    resume_auto: ResumeAuto = False,
     as_json: SummaryJson = False,
 ) -> None:
     """Train a classifier (a run folder: config.json, model.safetensors, metrics.jsonl, checkpoints/).
@@ -62,13 +64,14 @@ def finetune_cmd(
     options = get_method(method.value).parse_options({k: v for k, v in options.items() if v is not None}, sets or [])
     rank = distributed_env()[0]
     with train_progress("finetune", steps, show=rank == 0 and not as_json, log_every=tcfg.log_every) as progress:
-        summary = finetune(cache, method.value, out_dir, options, tcfg, resume=resume, init=init, progress=progress)
+        summary = finetune(cache, method.value, out_dir, options, tcfg, resume=resume_mode(resume, resume_auto), init=init,
+                           progress=progress, asked={**given(ctx, dict(ctx.params), {"workers": "num_workers"}), **options})
     if rank != 0:
         return
     from medclf.runs import start_warnings
 
     health = (summary.get("calibration") or {}).get("health") or {}
-    warn(start_warnings(summary.get("start")) + health.get("warnings", []))
+    warn(start_warnings(summary.get("start")) + summary.get("damaged_checkpoints", []) + health.get("warnings", []))
     if as_json:
         out.print_json(json.dumps(summary))
     else:

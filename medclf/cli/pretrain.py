@@ -9,10 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from medclf.cli._common import (Amp, CheckpointEvery, Device, DitSize, EmaDecay, LearningRate, PairedBatchSize, Resume,
-                                RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers, out, train_options, train_progress, warn)
+                                ResumeAuto, RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers, given, out,
+                                resume_mode, train_options, train_progress, warn)
 
 
 def pretrain_cmd(
+    ctx: typer.Context,
     cache: Annotated[Path, typer.Argument(help="Cache written by `medclf ingest` (labels, if any, are ignored).", show_default=False)],
     out_dir: RunFolder,
     encoder: Annotated[str, typer.Option(help="timm encoder (a ViT: vit_small_patch16_224, test_vit, ...).")] = "vit_small_patch16_224",
@@ -36,6 +38,7 @@ def pretrain_cmd(
     amp: Amp = "auto",
     workers: Workers = 0,
     resume: Resume = False,
+    resume_auto: ResumeAuto = False,
     as_json: SummaryJson = False,
 ) -> None:
     """Pretrain an image encoder by denoising: a ViT's representation of the clean scan conditions a DiT.
@@ -55,12 +58,13 @@ def pretrain_cmd(
                                        amp=amp, workers=workers))
     rank = distributed_env()[0]
     with train_progress("pretrain", steps, show=rank == 0 and not as_json, log_every=tcfg.log_every) as progress:
-        summary = pretrain(cache, out_dir, cfg, tcfg, resume=resume, progress=progress)
+        summary = pretrain(cache, out_dir, cfg, tcfg, resume=resume_mode(resume, resume_auto), progress=progress,
+                           asked=given(ctx, dict(ctx.params), {"workers": "num_workers"}))
     if rank != 0:
         return
     from medclf.runs import start_warnings
 
-    warn(start_warnings(summary.get("start")))
+    warn(start_warnings(summary.get("start")) + summary.get("damaged_checkpoints", []))
     if as_json:
         out.print_json(json.dumps(summary))
         return

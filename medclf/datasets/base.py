@@ -100,6 +100,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
             return list(csv.DictReader(f))
     except FileNotFoundError:
         raise MedclfError("file not found", path) from None
+    except IsADirectoryError:
+        raise MedclfError("is a folder, not a CSV file", path) from None
+    except PermissionError:
+        raise MedclfError("cannot read this CSV file (permission denied)", path) from None
     except (csv.Error, UnicodeDecodeError) as e:
         raise MedclfError(f"unreadable CSV ({e})", path) from None
 

@@ -58,7 +58,9 @@ def maps_to_source(maps: np.ndarray, img: ImageData, keep_aspect: bool = True) -
 
 
 def _plain_affine(img: ImageData) -> np.ndarray:
-    """Affine for an image without patient geometry (2-D DICOM, PNG/JPEG, multi-frame without positions).
+    """Affine for an image without patient geometry: PNG/JPEG/TIFF, and DICOM lacking ImagePositionPatient,
+    ImageOrientationPatient or PixelSpacing (``ImageData.affine`` None; see ``medclf.io.dicom._volume_geometry``).
+    Its origin is (0, 0, 0): such a map has no scanner position to land on, only the image's own grid.
 
     Rows run posterior, columns to the patient's left, slices superior -- medclf's canonical
     ('P','L','S') order, the same as an axial DICOM series. A viewer (radiological convention) then
@@ -81,8 +83,9 @@ def source_geometry(img: ImageData, source: Path, vol: np.ndarray) -> tuple[np.n
     """(data, affine, source header or None) of a (S, H, W) map laid on the source's voxel grid.
 
     NIfTI source: the reader's reorientation to ('P','L','S') is undone, so shape and affine equal the
-    file's. DICOM series: (rows, cols, slices) with the series' affine. Anything else: (H, W, S) with
-    ``_plain_affine``.
+    file's. DICOM with patient geometry (a single file or a series, read alike): (rows, cols, slices)
+    with the reader's affine, voxel (0, 0, 0) at the first slice's ImagePositionPatient (in RAS).
+    Anything else: (H, W, S) with ``_plain_affine``.
     """
     vol = np.asarray(vol, dtype=np.float32)
     s, h, w = img.array.shape[:3]

@@ -319,15 +319,108 @@ def _spacing(ds) -> list[float] | None:
     return sp
 
 
+def _functional(ds, name: str, frame: int = 0):
+    """The first item of an enhanced file's functional-group macro ``name`` for ``frame``: the
+    per-frame group's, else the shared one's; None when neither has it."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per and frame < len(per) and per[frame].get(name):
+        return per[frame].get(name)[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and shared[0].get(name):
+        return shared[0].get(name)[0]
+    return None
+
+
+def _plane(ds, frame: int = 0) -> dict:
+    """Position header of one frame: ImagePositionPatient / ImageOrientationPatient (top-level
+    elements, else the enhanced functional groups), and InstanceNumber; None where absent."""
+    ipp = _floats(ds.get("ImagePositionPatient"), 3) if frame == 0 else None
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    if ipp is None:
+        pos = _functional(ds, "PlanePositionSequence", frame)
+        ipp = _floats(pos.get("ImagePositionPatient"), 3) if pos is not None else None
+    if iop is None:
+        ori = _functional(ds, "PlaneOrientationSequence", frame)
+        iop = _floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else None
+    return {"ipp": ipp, "iop": iop, "instance": _int(ds.get("InstanceNumber"), 0)}
+
+
+def _positions(ds) -> list[dict]:
+    """Position headers of a file's frames in file order (see ``_volume_geometry``).
+
+    One per frame when an enhanced multi-frame file gives every frame its own position and the
+    frames are evenly spaced along a line in file order; otherwise one, the first frame's (a
+    single-frame file, or a multi-frame file whose other frames are taken to follow along the slice
+    normal at ``_slice_step``).
+    """
+    frames = max(_int(ds.get("NumberOfFrames"), 1), 1)
+    first = _plane(ds, 0)
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if frames > 1 and per and len(per) == frames:
+        each = []
+        for k in range(frames):
+            pos = per[k].get("PlanePositionSequence")
+            ipp = _floats(pos[0].get("ImagePositionPatient"), 3) if pos else None
+            if ipp is None:
+                break
+            each.append({**first, "ipp": ipp})
+        else:
+            pts = np.asarray([h["ipp"] for h in each])
+            steps = np.diff(pts, axis=0)
+            if np.linalg.norm(steps[0]) > 1e-6 and np.allclose(steps, steps[0], atol=1e-2):
+                return each
+    return [first]
+
+
+def _slice_step(ds, frames: int) -> float | None:
+    """mm between a multi-frame file's frames (SpacingBetweenSlices, else SliceThickness), or a lone
+    slice's extent (SliceThickness, else SpacingBetweenSlices); None when neither is known."""
+    measures = _functional(ds, "PixelMeasuresSequence")
+    names = ("SpacingBetweenSlices", "SliceThickness") if frames > 1 else ("SliceThickness", "SpacingBetweenSlices")
+    for name in names:
+        v = _first(ds.get(name))
+        if v is None and measures is not None:
+            v = _first(measures.get(name))
+        if v is not None and np.isfinite(v) and v != 0:
+            return abs(v)
+    return None
+
+
+def _volume_geometry(meta: dict, headers: list[dict], n_slices: int, spacing: list[float] | None,
+                     step: float | None) -> np.ndarray | None:
+    """The affine of a volume of ``n_slices`` read from DICOM, shared by ``read_dicom`` and
+    ``read_dicom_series`` so a slice read alone or as a one-file series gets the same geometry.
+
+    ``headers`` are position headers in slice order: one per slice, or just the first slice's (the
+    others follow along the slice normal ``step`` mm apart; 1 mm when unknown). Sets
+    ``meta["spacing"]`` (row, col, slice mm; slice 0.0 when unknown), and ``meta["orientation"]``
+    when the affine is known. None without ImagePositionPatient, ImageOrientationPatient or
+    PixelSpacing: the map writer then uses its plain ('P','L','S') affine at the origin.
+    """
+    if len(headers) not in (1, n_slices):
+        headers = []  # positions for some slices only (several multi-frame files): geometry unknown
+    affine = _series_affine(headers, spacing, step) if headers else None
+    if spacing:
+        third = float(np.linalg.norm(affine[:3, 2])) if affine is not None else float(step or 0.0)
+        meta["spacing"] = [float(spacing[0]), float(spacing[1]), third]
+    else:
+        meta["spacing"] = None
+    if affine is not None:
+        import nibabel as nib
+
+        meta["orientation"] = "".join(nib.aff2axcodes(affine))
+    return affine
+
+
 def read_dicom(path: Path) -> ImageData:
-    """One DICOM file (single- or multi-frame)."""
+    """One DICOM file (single- or multi-frame), with its own patient geometry (see ``_volume_geometry``)."""
     ds = _dcmread(path)
     arr, kind, meta = _to_image(ds, path)
-    sp = _spacing(ds)
-    meta["spacing"] = (sp + [float(ds.get("SliceThickness") or 0.0)]) if sp else None
+    n = int(arr.shape[0])
+    affine = _volume_geometry(meta, _positions(ds), n, _spacing(ds), _slice_step(ds, n))
     meta["window"] = [_first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))]
     meta["original_shape"] = list(arr.shape[:3])
-    return ImageData(arr, kind, meta, affine=None, group=_group_key(ds, path))
+    return ImageData(arr, kind, meta, affine=affine, group=_group_key(ds, path))
 
 
 def _normal(iop: list[float]) -> np.ndarray:
@@ -353,9 +446,9 @@ def read_dicom_series(paths: list[Path]) -> tuple[ImageData, list[tuple[str, str
 
     Raises ReadError only if no file of the series could be used.
     """
-    slices, headers, errors = [], [], []
+    slices, headers, frames, errors = [], [], [], []
     kind = meta = None
-    group = None
+    group = spacing = step = None
     for p in paths:
         try:
             ds = _dcmread(p)
@@ -367,30 +460,27 @@ def read_dicom_series(paths: list[Path]) -> tuple[ImageData, list[tuple[str, str
             continue
         if kind is None:
             kind, meta, group = k, m, _group_key(ds, p)
-            meta["spacing"] = _spacing(ds)
+            spacing, step = _spacing(ds), _slice_step(ds, int(arr.shape[0]))
         slices.append(arr)
-        headers.append({"ipp": _floats(ds.get("ImagePositionPatient"), 3), "iop": _floats(ds.get("ImageOrientationPatient"), 6),
-                        "instance": _int(ds.get("InstanceNumber"), 0)})
+        frames.append(_positions(ds))
+        headers.append(frames[-1][0])
     if not slices:
         reasons = sorted({r for _, r in errors})
         raise ReadError(f"no readable file in the series of {len(paths)}: " + "; ".join(reasons)[:300],
                         paths[0] if paths else None)
     order = order_series(headers)
     vol = np.concatenate([slices[i] for i in order], axis=0)
-    hs = [headers[i] for i in order]
-    affine = _series_affine(hs, meta.get("spacing"))
-    if affine is not None:
-        import nibabel as nib
-
-        meta["orientation"] = "".join(nib.aff2axcodes(affine))
-        if len(hs) > 1:
-            meta["spacing"] = list(meta["spacing"][:2]) + [float(np.linalg.norm(affine[:3, 2]))]
+    hs = [h for i in order for h in frames[i]]  # per slice (or only the first slice's: one multi-frame file)
+    affine = _volume_geometry(meta, hs, int(vol.shape[0]), spacing, step)
     meta["original_shape"] = list(vol.shape[:3])
     return ImageData(vol, kind, meta, affine=affine, group=group), errors
 
 
-def _series_affine(headers: list[dict], spacing: list[float] | None) -> np.ndarray | None:
-    """(row, col, slice) index -> RAS+ mm, built from ImagePositionPatient/Orientation (DICOM is LPS)."""
+def _series_affine(headers: list[dict], spacing: list[float] | None, step_mm: float | None = None) -> np.ndarray | None:
+    """(row, col, slice) index -> RAS+ mm, built from ImagePositionPatient/Orientation (DICOM is LPS).
+
+    The slice axis runs from the first header's position to the last's; with one header, along the
+    slice normal, ``step_mm`` (1 mm when None) per slice."""
     h0 = headers[0]
     if not (h0.get("ipp") and h0.get("iop") and spacing):
         return None
@@ -399,7 +489,7 @@ def _series_affine(headers: list[dict], spacing: list[float] | None) -> np.ndarr
     if len(headers) > 1 and headers[-1].get("ipp"):
         step = (np.asarray(headers[-1]["ipp"]) - np.asarray(h0["ipp"])) / (len(headers) - 1)
     else:
-        step = _normal(h0["iop"])
+        step = _normal(h0["iop"]) * (step_mm or 1.0)
     lps = np.eye(4)
     lps[:3, 0] = col_cos * dr  # moving down a row follows the column direction cosine
     lps[:3, 1] = row_cos * dc  # moving along a row follows the row direction cosine

@@ -23,7 +23,10 @@ class ImageData:
     array: np.ndarray
     kind: str
     meta: dict = field(default_factory=dict)
-    #: 4x4 voxel (row, col, slice) -> patient RAS+ mm affine, for volumes with known geometry
+    #: 4x4 voxel (row, col, slice) -> patient RAS+ mm affine, for images with known patient geometry:
+    #: NIfTI, and DICOM with ImagePositionPatient/ImageOrientationPatient/PixelSpacing -- a single file
+    #: and the same file read as a one-file series get the same one. None otherwise (PNG/JPEG, DICOM
+    #: without positions): map writers then use a plain affine at the origin (``export.maps._plain_affine``)
     affine: np.ndarray | None = None
     #: pseudonymous grouping key (hash of patient/study), for splits; never the raw identifier
     group: str | None = None

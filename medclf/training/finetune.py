@@ -10,7 +10,7 @@ from medclf.data.cache import open_cache
 from medclf.data.dataset import CacheDataset
 from medclf.errors import MedclfError
 from medclf.runs import check_compatible, data_record, load_init_encoder
-from medclf.training.fit import finish, fit, method_for, resumed
+from medclf.training.fit import finish, fit, method_for, resolve_resume, resumed
 from medclf.training.loop import ProgressFn, TrainConfig, resolve_device
 
 
@@ -42,11 +42,12 @@ def label_subset(ds, fraction: float, seed: int):
 
 
 def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_options: dict, train_cfg: TrainConfig,
-             resume: bool = False, progress: ProgressFn | None = None, calibrate: bool = True,
-             init: str | Path | None = None) -> dict:
+             resume: bool | str = False, progress: ProgressFn | None = None, calibrate: bool = True,
+             init: str | Path | None = None, asked: dict | None = None) -> dict:
     """Train ``method_name`` on the cache's train split; calibrate on its val split; write the run.
 
-    With ``resume`` the run's own recorded configuration is used (``--steps`` may extend it).
+    With ``resume`` the run's own recorded configuration is used (``--steps`` may extend it; ``asked``,
+    the options given explicitly, must agree with it); ``resume="auto"`` starts when there is nothing to resume.
     ``init``: a ``medclf pretrain`` run whose encoder starts ``model.backbone`` (sets ``backbone``).
     Returns a summary (run path, steps, how the weights started, calibration, DDP rank checksums).
     """
@@ -58,8 +59,9 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
         raise MedclfError("this cache has no labels to train on (ingested without labels?)", cache.path)
     classes = cache.classes if task == "single" else cache.label_names
     saved: dict = {}
+    resume, unfinished_ok = resolve_resume(out, resume)
     if resume:
-        saved, train_cfg = resumed(out, cache, "classifier", train_cfg)
+        saved, train_cfg = resumed(out, cache, "classifier", train_cfg, asked)
         method_name, method_options = saved["method"], saved["method_config"]
     init_info, load_start = saved.get("init"), None
     if init is not None and not resume:
@@ -77,10 +79,11 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
         train_ds = label_subset(train_ds, train_cfg.label_fraction, train_cfg.seed)
     record = {**data_record(cache), "task": task, "classes": classes, **({"init": init_info} if init_info else {})}
     done = fit(method, train_ds, len(classes), out, record, train_cfg, resume=resume, progress=progress,
-               start=saved.get("start"), load_start=load_start)
+               start=saved.get("start"), load_start=load_start, unfinished_ok=unfinished_ok)
     result = done.result
     summary = {"run": str(out), "steps": done.train_cfg.steps, "rank": result["rank"], "world_size": result["world_size"],
-               "rank_checksums": result.get("rank_checksums"), "start": done.record.get("start")}
+               "rank_checksums": result.get("rank_checksums"), "start": done.record.get("start"),
+               "resumed_from": result.get("resumed_from"), "damaged_checkpoints": result.get("damaged_checkpoints", [])}
     if not done.is_writer:
         return summary
     calibration: dict = {}

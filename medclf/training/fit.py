@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medclf.methods import Method, get_method
-from medclf.runs import build_from_run, load_run, open_run, resumed_record, save_weights, write_config
-from medclf.training.loop import ProgressFn, TrainConfig, distributed_env, train
+from medclf.runs import build_from_run, load_run, open_run, resumed_record, save_weights, should_resume, write_config
+from medclf.training.loop import ProgressFn, TrainConfig, check_trainable, distributed_env, train
 
 
 @dataclass
@@ -40,24 +40,28 @@ class Fit:
         return self.result.get("rank", 0) == 0
 
 
-def resumed(out: Path, cache, kind: str, train_cfg: TrainConfig) -> tuple[dict, TrainConfig]:
-    """(saved config, its training config with ``steps`` at least the asked-for and this machine's device/workers)."""
-    saved = resumed_record(out, cache, kind)
-    cfg = TrainConfig(**{**saved["train"], "steps": max(train_cfg.steps, saved["train"]["steps"]),
+def resumed(out: Path, cache, kind: str, train_cfg: TrainConfig, asked: dict | None = None) -> tuple[dict, TrainConfig]:
+    """(saved config, its training config with ``steps`` at least the asked-for and this machine's device/workers).
+
+    ``asked``: the options given explicitly (the CLI's); without ``steps`` there, the recorded steps stand."""
+    saved = resumed_record(out, cache, kind, asked)
+    steps = saved["train"]["steps"] if asked is not None and "steps" not in asked else train_cfg.steps
+    cfg = TrainConfig(**{**saved["train"], "steps": max(steps, saved["train"]["steps"]),
                          "device": train_cfg.device, "num_workers": train_cfg.num_workers})
     return saved, cfg
 
 
 def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dict, train_cfg: TrainConfig, *,
         resume: bool, progress: ProgressFn | None = None, start: dict | None = None,
-        load_start: Callable[[nn.Module], dict] | None = None) -> Fit:
+        load_start: Callable[[nn.Module], dict] | None = None, unfinished_ok: bool = False) -> Fit:
     """Build, (start,) open, train and save a run; returns the EMA model for the caller's checks.
 
     ``record``: the config.json entries the caller knows (data, classes, ...); ``start`` on resume is
     the recorded start; ``load_start(model)`` replaces ``method.prepare`` (``finetune --init``).
     """
     C, H, W = record["shape"]
-    rank, _, _ = distributed_env()
+    rank, world, _ = distributed_env()
+    check_trainable(dataset, train_cfg, world)  # before anything is written
     torch.manual_seed(train_cfg.seed)  # the random init is the seed's ("untrained" zero-shot baseline = it)
     model = method.build(C, n_classes, H)
     if not resume:
@@ -66,7 +70,7 @@ def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dic
               "train": asdict(train_cfg), "n_train": len(dataset), "seed": train_cfg.seed, "start": start,
               **method.record(model, C, H, start), **record}
     if rank == 0:
-        open_run(out, record, resume)
+        open_run(out, record, resume, unfinished_ok)
     result = train(model, method.loss_fn(n_classes), dataset, train_cfg, out, resume=resume, progress=progress)
     done = Fit(run=out, method=method, model=model, record=record, train_cfg=train_cfg, result=result)
     if rank == 0:
@@ -81,6 +85,15 @@ def finish(done: Fit, **entries: Any) -> dict:
     write_config(done.run, record)
     build_from_run(load_run(done.run))  # the run we just wrote must load
     return record
+
+
+def resolve_resume(out: Path, resume: bool | str) -> tuple[bool, bool]:
+    """(resume?, may a config without checkpoints be replaced?) for ``resume`` = True, False or "auto"."""
+    if resume not in (True, False, "auto"):
+        from medclf.errors import MedclfError
+
+        raise MedclfError(f"--resume {resume!r}: expected no value (resume) or 'auto'")
+    return should_resume(out, resume), resume == "auto"
 
 
 def method_for(name: str, options: dict, kind: str) -> Method:

@@ -126,8 +126,7 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if len(dataset) < cfg.batch_size:
-        raise MedclfError(f"only {len(dataset)} training items, fewer than --batch-size {cfg.batch_size}")
+    check_trainable(dataset, cfg)
     torch.manual_seed(cfg.seed)
     model.to(device)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup, warmup_power=3 / 4)
@@ -136,16 +135,9 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start = 0
     run_dir = Path(run_dir)
+    damaged: list[str] = []
     if resume:
-        ckpts = checkpoint_dirs(run_dir)
-        if not ckpts:
-            raise MedclfError("nothing to resume: no checkpoint in this run", run_dir)
-        last = ckpts[-1]
-        state = json.loads((last / "state.json").read_text())
-        model.load_state_dict(load_tensors(last / "model.safetensors"))
-        ema.module.load_state_dict(load_tensors(last / "ema.safetensors"))
-        _load_optimizer(opt, load_tensors(last / "optimizer.safetensors"), state["param_groups"])
-        start = int(state["step"])
+        start, damaged = _resume_from(run_dir, model, ema.module, opt)
     elif checkpoint_dirs(run_dir):
         raise MedclfError("this run already has checkpoints: pass --resume to continue it, or choose a new --out", run_dir)
     if rank == 0:
@@ -214,7 +206,38 @@ def train(model: nn.Module, loss_fn: LossFn, dataset: Dataset, cfg: TrainConfig,
         result["rank_checksums"] = [float(x) for x in all_s]
         dist.barrier()
     result["rank"] = rank
+    result["resumed_from"], result["damaged_checkpoints"] = (start if resume else None), damaged
     return result
+
+
+def check_trainable(dataset: Dataset, cfg: TrainConfig, world: int | None = None) -> None:
+    """What ``train`` would refuse, checked before a run folder is written (a refused command writes nothing)."""
+    world = world or distributed_env()[1]
+    if len(dataset) < cfg.batch_size:
+        raise MedclfError(f"only {len(dataset)} training items, fewer than --batch-size {cfg.batch_size}")
+    if len(dataset) // world < cfg.batch_size:
+        raise MedclfError(f"batch size {cfg.batch_size} x {world} process(es) exceeds the training set ({len(dataset)})")
+
+
+def _resume_from(run_dir: Path, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[str]]:
+    """Load the newest intact checkpoint; a damaged one (truncated by a crash or a full disk) is skipped
+    and reported, never mistaken for a foreign file. Returns (its step, the damaged ones with why)."""
+    ckpts = checkpoint_dirs(run_dir)
+    if not ckpts:
+        raise MedclfError("nothing to resume: no checkpoint in this run", run_dir)
+    damaged = []
+    for ck in reversed(ckpts):
+        try:
+            state = json.loads((ck / "state.json").read_text())
+            tensors = [load_tensors(ck / f) for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors")]
+            model.load_state_dict(tensors[0])
+            ema.load_state_dict(tensors[1])
+            _load_optimizer(opt, tensors[2], state["param_groups"])
+            return int(state["step"]), damaged
+        except (MedclfError, OSError, ValueError, KeyError, RuntimeError) as e:
+            why = e.message.split(";")[0] if isinstance(e, MedclfError) else f"{type(e).__name__}: {e}"
+            damaged.append(f"{ck.name}: damaged ({' '.join(why.split())[:120]})")
+    raise MedclfError(f"every checkpoint of this run is damaged: {'; '.join(damaged)}", run_dir)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

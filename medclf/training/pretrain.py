@@ -18,19 +18,23 @@ from medclf.data.dataset import CacheDataset
 from medclf.errors import MedclfError
 from medclf.methods.repdiff import PretrainConfig
 from medclf.runs import data_record
-from medclf.training.fit import finish, fit, method_for, resumed
+from medclf.training.fit import finish, fit, method_for, resolve_resume, resumed
 from medclf.training.loop import ProgressFn, TrainConfig, resolve_device
 
 
 def pretrain(cache_path: str | Path, out: str | Path, cfg: PretrainConfig, train_cfg: TrainConfig,
-             resume: bool = False, progress: ProgressFn | None = None, method_name: str = "repdiff") -> dict:
-    """Pretrain on the cache's ``cfg.split`` images; check the result on held-out images; write the run."""
+             resume: bool | str = False, progress: ProgressFn | None = None, method_name: str = "repdiff",
+             asked: dict | None = None) -> dict:
+    """Pretrain on the cache's ``cfg.split`` images; check the result on held-out images; write the run.
+
+    ``resume``/``asked`` as in ``finetune``."""
     out = Path(out)
     cache = open_cache(cache_path)
     options = asdict(cfg)
     saved: dict = {}
+    resume, unfinished_ok = resolve_resume(out, resume)
     if resume:
-        saved, train_cfg = resumed(out, cache, "pretrain", train_cfg)
+        saved, train_cfg = resumed(out, cache, "pretrain", train_cfg, asked)
         method_name, options = saved["method"], saved["method_config"]
     method = method_for(method_name, options, "pretrain")
     split = method.config.split
@@ -41,10 +45,12 @@ def pretrain(cache_path: str | Path, out: str | Path, cfg: PretrainConfig, train
         raise MedclfError(f"the cache has no {split} items to pretrain on", cache.path)
     record = {**data_record(cache), "classes": cache.classes}  # classes: informational, never read
     start = saved.get("start", (saved.get("encoder") or {}).get("start")) if resume else None
-    done = fit(method, ds, 0, out, record, train_cfg, resume=resume, progress=progress, start=start)
+    done = fit(method, ds, 0, out, record, train_cfg, resume=resume, progress=progress, start=start,
+               unfinished_ok=unfinished_ok)
     result = done.result
     summary = {"run": str(out), "steps": done.train_cfg.steps, "n_train": len(ds), "rank": result["rank"],
-               "world_size": result["world_size"], "start": done.record.get("start")}
+               "world_size": result["world_size"], "start": done.record.get("start"),
+               "resumed_from": result.get("resumed_from"), "damaged_checkpoints": result.get("damaged_checkpoints", [])}
     if not done.is_writer:
         return summary
     check_ds = CacheDataset(cache, split="val")
