@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from medclf.errors import MedclfError, ReadError
-from medclf.io import ImageData, is_dicom, read_dicom_series, read_image
+from medclf.io import ImageData, NiftiVolumes, is_dicom, is_nifti, read_dicom_series, read_image
 from medclf.io.dicom import order_series, tolerated_warnings
 from medclf.preprocessing import PreprocessConfig, preprocess
 from medclf.scoring.base import Prediction
@@ -52,12 +52,41 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 @dataclass
 class Planned:
-    """One thing to score: a file, or one DICOM series found in a folder."""
+    """One thing to score: a file, one volume of a 4-D NIfTI, or one DICOM series found in a folder."""
 
     name: str  #: the rows' ``input``: a file's path; a series: the folder given, or (several series) its folder + ``#label``
     paths: list[str]  #: the files to read
     series: str | None = None  #: a series' label (SeriesNumber, Modality, pseudonym of the UID); None for a file
     headers: dict = field(default_factory=dict)  #: path -> ``header_summary`` of a series' files (slice order)
+    volume: int | None = None  #: a 4-D NIfTI's volume (index on its 4th axis); None for anything else
+    volumes: _FileVolumes | None = field(default=None, repr=False, compare=False)  #: shared by a 4-D file's volumes
+
+
+@dataclass(eq=False)
+class _FileVolumes:
+    """What the volumes of one 4-D NIfTI share: one reader (the file opened once, its volumes read in
+    order) and the reasons already given (a reason every volume shares is said once per file)."""
+
+    reader: NiftiVolumes
+    n: int
+    reported: set = field(default_factory=set)
+
+
+def _plan_file(path: str) -> list[Planned]:
+    """A file as what to score: a 4-D NIfTI as one item per volume (named by the file; rows add
+    ``volume``), anything else as itself. A NIfTI whose header is refused is planned as itself:
+    reading it gives the reason."""
+    p = Path(path)
+    if is_nifti(p) and p.is_file():
+        reader = NiftiVolumes(p)
+        try:
+            n = reader.n_volumes
+        except ReadError:
+            return [Planned(name=path, paths=[path])]
+        if n > 1:
+            group = _FileVolumes(reader, n)
+            return [Planned(name=path, paths=[path], volume=t, volumes=group) for t in range(n)]
+    return [Planned(name=path, paths=[path])]
 
 
 def _series_label(first: str, sid: str) -> str:
@@ -123,8 +152,8 @@ def plan_folder(src: str) -> tuple[list[Planned], list[ReadError], list[str]]:
         order = order_series([hs[p] for p in u.paths])
         out.append(Planned(name="", paths=u.paths, series=_series_label(u.paths[0], u.key),
                            headers={u.paths[i]: hs[u.paths[i]] for i in order}))
-    out += [Planned(name=str(p), paths=[str(p)]) for p in images if not is_dicom(p)]
-    out.sort(key=lambda x: x.paths[0])
+    out += [x for p in images if not is_dicom(p) for x in _plan_file(str(p))]
+    out.sort(key=lambda x: x.paths[0])  # stable: a 4-D NIfTI's volumes stay in order
     series = [x for x in out if x.series]
     if len(series) == 1:
         series[0].name = src  # the folder's only series: named by the folder as given (files by their paths)
@@ -147,6 +176,8 @@ def plan_folder(src: str) -> tuple[list[Planned], list[ReadError], list[str]]:
 def _read_planned(item: Planned) -> tuple[ImageData, list[ReadError], list[str] | None]:
     """(image, one ReadError per file of a series left out, the file of each slice or None)."""
     if item.series is None:
+        if item.volumes is not None:  # one volume of a 4-D NIfTI (only its voxels are read)
+            return item.volumes.reader.read(item.volume), [], None
         return read_image(Path(item.paths[0])), [], None
     paths = list(item.headers)  # anatomical order
     try:
@@ -223,7 +254,7 @@ def plan_inputs(inputs: list[str], notes: Callable[[str], None] | None = None) -
     (``plan_folder``), with a ReadError for each file of a folder that cannot be planned."""
     for src in inputs:
         if not Path(src).is_dir():
-            yield Planned(name=src, paths=[src])
+            yield from _plan_file(src)
             continue
         try:
             items, errors, folder_notes = plan_folder(src)
@@ -239,48 +270,69 @@ def plan_inputs(inputs: list[str], notes: Callable[[str], None] | None = None) -
 
 def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: int = 32,
                  explain: bool = False, run=None, notes: Callable[[str], None] | None = None) -> Iterator[Scored | ReadError]:
-    """Yield a ``Scored`` per readable file or DICOM series and a ``ReadError`` per bad file; never stops early.
+    """Yield a ``Scored`` per readable file, 4-D NIfTI volume or DICOM series and a ``ReadError`` per bad file;
+    never stops early.
 
     A folder is planned as ingest plans it (``plan_folder``): one ``Scored`` per series (never two
     series merged) and per other image file, and a ReadError naming each file that could not be read,
     including files a series was read without (after that series' ``Scored``). With ``run``, each
     preprocessed input is checked against it (``runs.check_compatible``). ``notes`` receives what the
     user should know but is no failure (non-image files skipped in a folder)."""
-    from medclf.runs import DataSpec, check_compatible
-
     for item in plan_inputs(inputs, notes):
         if isinstance(item, ReadError):
             yield item
             continue
-        src = item.name
-        left_out: list[ReadError] = []
-        try:
-            img, left_out, slice_files = _read_planned(item)
-            x, how = prepare(img, pre, src, with_scaling=True)
-            if run is not None:
-                check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src, intensity=how))
-        except _AllFailed as e:
-            yield from e.errors
+        if item.volumes is None:
+            yield from _score_item(item, scorer, pre, batch_size, explain, run)
             continue
-        except ReadError as e:
-            yield e if e.path else ReadError(e.message, src)
-            yield from left_out
-            continue
-        except MedclfError as e:
-            yield ReadError(e.message, src)
-            yield from left_out
-            continue
-        except Exception as e:  # a decoder bug on one input must not stop the rest (as in ingest)
-            yield ReadError(f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:160]}", src)
-            continue
-        preds = [scorer.predict(torch.from_numpy(x[i : i + batch_size]), explain=explain) for i in range(0, len(x), batch_size)]
-        files = None
-        if item.series is not None:
-            failed = {e.path for e in left_out}
-            files = [p for p in item.headers if p not in failed]
-        yield Scored(source=src, image=img, scan=x, prediction=_concat(preds), series=item.series, files=files,
-                     slice_files=slice_files)
+        # one volume of a 4-D NIfTI: a reason its volumes share (a truncated file, an image too small
+        # for the run) is given once for the file, not once per volume
+        for res in _score_item(item, scorer, pre, batch_size, explain, run):
+            if isinstance(res, ReadError):
+                if res.message in item.volumes.reported:
+                    continue
+                item.volumes.reported.add(res.message)
+            yield res
+
+
+def _score_item(item: Planned, scorer, pre: PreprocessConfig, batch_size: int, explain: bool,
+                run) -> Iterator[Scored | ReadError]:
+    """``score_inputs`` for one planned input: its ``Scored`` (or errors), then the files it was read without."""
+    from medclf.runs import DataSpec, check_compatible
+
+    src = item.name
+    if explain and item.volume is not None:
+        yield ReadError(f"explain does not support 4-D NIfTI yet ({item.volumes.n} volumes; its maps are written on a "
+                        "3-D source grid): pass one volume as a 3-D file (classify scores every volume)", src)
+        return
+    left_out: list[ReadError] = []
+    try:
+        img, left_out, slice_files = _read_planned(item)
+        x, how = prepare(img, pre, src, with_scaling=True)
+        if run is not None:
+            check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src, intensity=how))
+    except _AllFailed as e:
+        yield from e.errors
+        return
+    except ReadError as e:
+        yield e if e.path else ReadError(e.message, src)
         yield from left_out
+        return
+    except MedclfError as e:
+        yield ReadError(e.message, src)
+        yield from left_out
+        return
+    except Exception as e:  # a decoder bug on one input must not stop the rest (as in ingest)
+        yield ReadError(f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:160]}", src)
+        return
+    preds = [scorer.predict(torch.from_numpy(x[i : i + batch_size]), explain=explain) for i in range(0, len(x), batch_size)]
+    files = None
+    if item.series is not None:
+        failed = {e.path for e in left_out}
+        files = [p for p in item.headers if p not in failed]
+    yield Scored(source=src, image=img, scan=x, prediction=_concat(preds), series=item.series, files=files,
+                 slice_files=slice_files)
+    yield from left_out
 
 
 def _concat(preds: list[Prediction]) -> Prediction:
@@ -310,12 +362,14 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
 
     ``input`` names the file, or the series (see ``Planned.name``); a series' rows add ``series``
     (its label), ``file`` (that slice's file, or the series' first when files hold several frames)
-    and ``n_files``."""
+    and ``n_files``; a 4-D NIfTI's rows add ``volume`` (its index on the file's 4th axis)."""
     p = scored.prediction
     out = []
     n = len(p.pred)
     for s in range(n):
         row = {"input": scored.source}
+        if scored.image.meta.get("volume") is not None:  # one volume of a 4-D NIfTI
+            row["volume"] = int(scored.image.meta["volume"])
         if n > 1:
             row["slice"] = s
         if scored.series is not None:  # a DICOM series: its label, the slice's own file (else its first) and size
@@ -346,4 +400,8 @@ def load_scorer(model: str | Path | None, device: str = "auto", **scorer_options
     dev = resolve_device(device)
     run, method, net = load_classifier(resolve_model(model), dev)
     scorer = method.scorer(net, run.classes, run.config.get("calibration", {}), dev, **scorer_options)
+    if run.config.get("resize"):  # trained at another size than its data: resize exactly as training did
+        from medclf.scoring.resize import ResizedScorer
+
+        scorer = ResizedScorer(scorer, run.config["resize"]["to"])
     return run, scorer, PreprocessConfig.from_dict(run.config["preprocessing"])

@@ -127,7 +127,8 @@ def check_compatible(run: Run | dict, data, what: str = "the model") -> None:
     from medclf.preprocessing import PreprocessConfig
 
     config = run.config if isinstance(run, Run) else run
-    want, got = list(config["shape"]), list(data.shape)
+    # a run trained with on-the-fly resize takes data of its cache's size (``data_shape``), not its model's
+    want, got = list(config.get("data_shape") or config["shape"]), list(data.shape)
     verb = "pretrained" if config.get("kind") == "pretrain" else "trained"
     if want != got:
         fix = "--window / --channels" if want[0] != got[0] else "--size"

@@ -66,7 +66,7 @@ def test_folder_of_three_patients_and_a_jpeg(tiny_run, tmp_path):
     # the table names every input too
     t = run_cli("classify", d, "--model", tiny_run, "--budget", "2", "--csv", check_rc=0)
     lines = t.stdout.strip().splitlines()
-    assert lines[0].startswith("input,slice,prediction") and lines[0].endswith(",series,file")
+    assert lines[0].startswith("input,slice,prediction") and lines[0].endswith(",series,file,volume")
     assert len(lines) == 1 + 3 + 2 + 1 + 1
     assert sum(line.startswith(str(jpg)) for line in lines) == 1
 

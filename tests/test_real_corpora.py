@@ -77,6 +77,26 @@ def test_nibabel_test_files_ingest_with_clear_reasons(tmp_path):
     for name, reason in errors.items():
         if ".dconn." in name or ".dtseries." in name or ".dscalar." in name or ".dlabel." in name:
             assert "grayordinate" in reason, (name, reason)
+    # 4-D NIfTI (example4d.nii.gz, example_nifti2.nii.gz, functional.nii): every volume cached, its
+    # slices as items with their volume index, the whole file in one split (test_nifti_4d.py)
+    four_d = {}
+    for f in files:
+        if f.name.endswith((".nii", ".nii.gz")):
+            try:
+                img = nibabel.load(f)
+            except Exception:
+                continue
+            if getattr(img, "affine", None) is not None and len(img.shape) == 4 and img.shape[3] > 1:
+                four_d[f.name] = img.shape
+    assert len(four_d) >= 3, four_d
+    for name, shape in four_d.items():
+        assert name not in errors, (name, errors.get(name))
+        got = [it for it in items if it["source"] == name]
+        k = len(got) // shape[3]  # slices per volume: the volume's extent along its inferior-superior axis
+        assert k in shape[:3] and len(got) == k * shape[3], (name, len(got), shape)
+        assert sorted((it["volume"], it["slice"]) for it in got) == [(t, s) for t in range(shape[3]) for s in range(k)]
+        assert len({it["split"] for it in got}) == 1 and len({it["group"] for it in got}) == 1, name
+    assert not [r for r in errors.values() if "unsupported NIfTI shape" in r], errors
 
 
 def test_fuzzed_real_files_never_break_a_batch(tmp_path):

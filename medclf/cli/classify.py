@@ -76,9 +76,10 @@ def classify_cmd(
                 if writer is None:
                     writer = csv.writer(sys.stdout)
                     writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"], "nfe",
-                                     "series", "file"])
+                                     "series", "file", "volume"])
                 writer.writerow([r["input"], r.get("slice", ""), _pred_text(r["prediction"]), *r["probabilities"].values(),
-                                 *r["uncertainty"].values(), r["nfe"], r.get("series", ""), r.get("file", "")])
+                                 *r["uncertainty"].values(), r["nfe"], r.get("series", ""), r.get("file", ""),
+                                 r.get("volume", "")])
                 sys.stdout.flush()
             else:
                 table_rows.append(r)
@@ -88,12 +89,15 @@ def classify_cmd(
         from rich.table import Table
 
         with_file = any("file" in r for r in table_rows)  # a series' rows: the slice's file
+        with_volume = any("volume" in r for r in table_rows)  # a 4-D NIfTI's rows: the volume
         t = Table()
-        for col in ["input", "slice", *(["file"] if with_file else []), "prediction", *classes, "uncertainty", "NFE"]:
+        for col in ["input", *(["volume"] if with_volume else []), "slice", *(["file"] if with_file else []),
+                    "prediction", *classes, "uncertainty", "NFE"]:
             t.add_column(col, overflow="fold")
         for r in table_rows:
             file_cell = [Path(r["file"]).name if r.get("file") else ""] if with_file else []
-            t.add_row(r["input"], str(r.get("slice", "")), *file_cell, _pred_text(r["prediction"]),
+            vol_cell = [str(r.get("volume", ""))] if with_volume else []
+            t.add_row(r["input"], *vol_cell, str(r.get("slice", "")), *file_cell, _pred_text(r["prediction"]),
                       *[f"{v:.3f}" for v in r["probabilities"].values()], _headline(r["uncertainty"]), str(r["nfe"]))
         out.print(t)
     if failed:

@@ -25,7 +25,8 @@ def finetune_cmd(
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Start the backbone from a local weights file.")] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start the backbone from a `medclf pretrain` run's encoder (sets --backbone).")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Any method option as KEY=VALUE (repeatable), e.g. --set mixup=0.2.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Must equal the cache's size (checked); kept for scripts.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Train at this size from a cache of another: images are "
+                                                           "resized on the device, and eval/classify/explain repeat it.")] = None,
     steps: Steps = 1000,
     batch_size: BatchSize = 32,
     lr: LearningRate = 1e-4,
@@ -46,15 +47,10 @@ def finetune_cmd(
 
     Runs unchanged under `torchrun --nproc_per_node N` (DDP; rank 0 writes).
     """
-    from medclf.data.cache import open_cache
-    from medclf.errors import MedclfError
     from medclf.methods import get_method
     from medclf.training.finetune import finetune
     from medclf.training.loop import TrainConfig, distributed_env
 
-    info = open_cache(cache)
-    if image_size is not None and image_size != info.shape[1]:
-        raise MedclfError(f"--image-size {image_size} differs from the cache's {info.shape[1]}: re-ingest with --size {image_size}", cache)
     tcfg = TrainConfig(**train_options(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                        ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, device=device,
                                        amp=amp, workers=workers), label_fraction=label_fraction)
@@ -65,7 +61,8 @@ def finetune_cmd(
     rank = distributed_env()[0]
     with train_progress("finetune", steps, show=rank == 0 and not as_json, log_every=tcfg.log_every) as progress:
         summary = finetune(cache, method.value, out_dir, options, tcfg, resume=resume_mode(resume, resume_auto), init=init,
-                           progress=progress, asked={**given(ctx, dict(ctx.params), {"workers": "num_workers"}), **options})
+                           progress=progress, asked={**given(ctx, dict(ctx.params), {"workers": "num_workers"}), **options},
+                           image_size=image_size)
     if rank != 0:
         return
     from medclf.runs import start_warnings

@@ -27,7 +27,7 @@ from medclf import __version__
 from medclf.atomic import atomic_write_text  # noqa: F401  (re-exported: used across the package)
 from medclf.errors import MedclfError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  #: 3: 4-D NIfTI volumes as items, single-file DICOM geometry, NaN as background (re-ingest)
 MANIFEST = "manifest.json"
 ITEMS = "items.jsonl"
 ERRORS = "errors.jsonl"

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from medclf.data.cache import (DTYPE, ERRORS, SCALE, FORMAT_VERSION, ITEMS, MANI
 from medclf.datasets import AdapterOptions, Plan, Unit, get_adapter
 from medclf.datasets.splits import group_split
 from medclf.errors import MedclfError, ReadError
-from medclf.io import ImageData, read_dicom_series, read_image
+from medclf.io import ImageData, read_dicom_series, read_volumes
 from medclf.preprocessing import PreprocessConfig, preprocess
 
 
@@ -86,9 +86,14 @@ def default_workers() -> int:
 _NPZ_CACHE: dict[str, object] = {}
 
 
-def _read_unit(u: dict) -> tuple[list[tuple[str, ImageData, int | None, list | None]], list[tuple[str, str]]]:
+Decoded = tuple[str, ImageData, "int | None", "list | None"]
+
+
+def _read_unit(u: dict) -> tuple[Iterable[Decoded], list[tuple[str, str]]]:
     """A unit -> [(item id, image, label, labels)] and the per-file errors it survived.
 
+    A NIfTI's images come lazily, one 3-D volume at a time (a 4-D file: one per volume, item id
+    ``<key>/v<volume>``), so a long fMRI series is never in memory whole.
     Readers' warnings (pydicom's tolerated invalid values, converted lazily) go to the log, not stderr."""
     from medclf.io.dicom import tolerated_warnings
 
@@ -96,9 +101,12 @@ def _read_unit(u: dict) -> tuple[list[tuple[str, ImageData, int | None, list | N
         return _read_unit_inner(u)
 
 
-def _read_unit_inner(u: dict) -> tuple[list[tuple[str, ImageData, int | None, list | None]], list[tuple[str, str]]]:
+def _read_unit_inner(u: dict) -> tuple[Iterable[Decoded], list[tuple[str, str]]]:
     if u["kind"] == "file":
-        return [(u["key"], read_image(Path(u["paths"][0])), u["label"], u["labels"])], []
+        images = read_volumes(Path(u["paths"][0]))
+        if isinstance(images, list):  # every file but a NIfTI: its one image, read now
+            return [(u["key"], images[0], u["label"], u["labels"])], []
+        return _lazy_volumes(u, images), []
     if u["kind"] == "series":
         img, errs = read_dicom_series([Path(p) for p in u["paths"]])
         return [(u["key"], img, u["label"], u["labels"])], errs
@@ -125,6 +133,20 @@ def _read_unit_inner(u: dict) -> tuple[list[tuple[str, ImageData, int | None, li
     raise ReadError(f"unknown unit kind {u['kind']}")
 
 
+def _lazy_volumes(u: dict, images: Iterable[ImageData]) -> Iterator[Decoded]:
+    """A NIfTI's volumes as items, read one at a time as they are asked for (warnings to the log)."""
+    from medclf.io.dicom import tolerated_warnings
+
+    it = iter(images)
+    while True:
+        with tolerated_warnings(u["paths"][0]):
+            img = next(it, None)
+        if img is None:
+            return
+        v = img.meta.get("volume")
+        yield (u["key"] if v is None else f"{u['key']}/v{v:04d}"), img, u["label"], u["labels"]
+
+
 def process_shard(out: str, idx: int, units: list[dict], pre: dict) -> tuple[int, int, int, int]:
     """Read, preprocess and stream one shard to disk; files are renamed into place only when done.
 
@@ -138,25 +160,29 @@ def process_shard(out: str, idx: int, units: list[dict], pre: dict) -> tuple[int
     offset = 0
     with open(tmp, "wb") as f:
         for u in units:
+            # each image's slices are written as soon as it is preprocessed (a 4-D NIfTI: volume by
+            # volume); a unit that fails part-way is cut off again, so it leaves no item behind
+            start, recs = f.tell(), []
             try:
                 decoded, survived = _read_unit(u)
-                rows = []
                 for item_id, img, label, labels in decoded:
                     x, how = preprocess(img, cfg)
                     for s in range(x.shape[0]):
-                        rows.append((x[s], _item_record(u, item_id, img, label, labels, s, x.shape[0], how)))
-            except ReadError as e:
-                errors.append({"path": e.path or u["paths"][0], "reason": e.message})
-                continue
-            except Exception as e:  # a decoder bug on one file must not stop the batch
-                errors.append({"path": u["paths"][0], "reason": f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:160]}"})
+                        f.write((x[s] * SCALE + 0.5).astype(DTYPE).tobytes())  # x is in [0, 1]
+                        rec = _item_record(u, item_id, img, label, labels, s, x.shape[0], how)
+                        rec.update(shard=idx, offset=offset + len(recs))
+                        recs.append(rec)
+            except Exception as e:
+                f.seek(start)
+                f.truncate()
+                if isinstance(e, ReadError):
+                    errors.append({"path": e.path or u["paths"][0], "reason": e.message})
+                else:  # a decoder bug on one file must not stop the batch
+                    errors.append({"path": u["paths"][0], "reason": f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:160]}"})
                 continue
             errors += [{"path": p, "reason": r} for p, r in survived]
-            for arr, rec in rows:
-                f.write((arr * SCALE + 0.5).astype(DTYPE).tobytes())  # arr is in [0, 1]
-                rec.update(shard=idx, offset=offset)
-                offset += 1
-                items.append(rec)
+            offset += len(recs)
+            items += recs
     # per-shard records skip fsync (the manifest, written last, is synced; a lost shard is redone)
     write_jsonl(base.with_suffix(".jsonl"), items, fsync=False)
     write_jsonl(base.with_suffix(".errors.jsonl"), errors, fsync=False)
@@ -179,6 +205,9 @@ def _item_record(u: dict, item_id: str, img: ImageData, label, labels, s: int, n
         "modality": img.meta.get("modality"),
         "intensity": how,
     }
+    if img.meta.get("volume") is not None:  # one volume of a 4-D NIfTI: same unit, source and group as the file's
+        rec["volume"] = img.meta["volume"]
+        rec["n_volumes"] = img.meta["n_volumes"]
     if n_slices > 1:
         rec["slice"] = s
     if img.meta.get("nonfinite_voxels"):  # set to background by the reader (see io/nifti.py)
@@ -222,7 +251,7 @@ def _decide_channels(plan: Plan, cfg: IngestConfig) -> int:
             decoded, _ = _read_unit(_unit_dict(u))
         except (ReadError, Exception):
             continue
-        kind = decoded[0][1].kind
+        kind = next(iter(decoded))[1].kind
         use_hu = (kind == "hu" and pre.intensity == "auto") or (pre.intensity == "hu" and kind != "rgb")
         return len(pre.windows) if use_hu else 3 if kind == "rgb" else 1
     return 1

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from medclf.errors import ReadError
 from medclf.io.dicom import is_dicom, read_dicom, read_dicom_series
 from medclf.io.image import ImageData
-from medclf.io.nifti import is_nifti, read_nifti
+from medclf.io.nifti import NiftiVolumes, is_nifti, nifti_volume_count, read_nifti
 from medclf.io.raster import is_raster, read_raster
 
-__all__ = ["ImageData", "read_image", "read_dicom_series", "is_image_file", "is_dicom", "is_nifti", "is_raster"]
+__all__ = ["ImageData", "read_image", "read_volumes", "read_dicom_series", "is_image_file", "is_dicom", "is_nifti",
+           "is_raster", "NiftiVolumes", "nifti_volume_count"]
 
 
 def is_image_file(path: Path) -> bool:
@@ -32,3 +34,14 @@ def read_image(path: Path) -> ImageData:
     if is_dicom(path):
         return read_dicom(path)
     raise ReadError("unsupported file type (expected DICOM, NIfTI, PNG, JPEG or TIFF)", path)
+
+
+def read_volumes(path: Path) -> Iterable[ImageData]:
+    """Every 3-D volume of one file, in order: a 4-D NIfTI's volumes read one at a time (each with
+    ``meta["volume"]``, ``meta["n_volumes"]``), else ``read_image``'s one image (read now)."""
+    path = Path(path)
+    if is_nifti(path) and path.is_file():
+        vols = NiftiVolumes(path)
+        vols.n_volumes  # noqa: B018 -- header checks now: a refused file fails here, not mid-iteration
+        return iter(vols)
+    return [read_image(path)]

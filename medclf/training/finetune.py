@@ -43,12 +43,14 @@ def label_subset(ds, fraction: float, seed: int):
 
 def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_options: dict, train_cfg: TrainConfig,
              resume: bool | str = False, progress: ProgressFn | None = None, calibrate: bool = True,
-             init: str | Path | None = None, asked: dict | None = None) -> dict:
+             init: str | Path | None = None, asked: dict | None = None, image_size: int | None = None) -> dict:
     """Train ``method_name`` on the cache's train split; calibrate on its val split; write the run.
 
     With ``resume`` the run's own recorded configuration is used (``--steps`` may extend it; ``asked``,
     the options given explicitly, must agree with it); ``resume="auto"`` starts when there is nothing to resume.
     ``init``: a ``medclf pretrain`` run whose encoder starts ``model.backbone`` (sets ``backbone``).
+    ``image_size``: train at this size from a cache of another (resized on the device; recorded, and
+    repeated by calibration, eval, classify and explain).
     Returns a summary (run path, steps, how the weights started, calibration, DDP rank checksums).
     """
     out = Path(out)
@@ -77,7 +79,8 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
         raise MedclfError("the cache's train split has no labelled items", cache.path)
     if train_cfg.label_fraction < 1.0:
         train_ds = label_subset(train_ds, train_cfg.label_fraction, train_cfg.seed)
-    record = {**data_record(cache), "task": task, "classes": classes, **({"init": init_info} if init_info else {})}
+    record = {**data_record(cache), "task": task, "classes": classes, **({"init": init_info} if init_info else {}),
+              **_resize_record(cache, saved if resume else None, image_size, init)}
     done = fit(method, train_ds, len(classes), out, record, train_cfg, resume=resume, progress=progress,
                start=saved.get("start"), load_start=load_start, unfinished_ok=unfinished_ok)
     result = done.result
@@ -90,10 +93,34 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
     if calibrate:
         images, labels = _val_tensors(cache, multilabel=task == "multilabel")
         if len(labels) >= 2:
+            if "resize" in record:
+                from medclf.scoring.resize import resize_images
+
+                images = resize_images(images, record["resize"]["to"])
             calibration = method.calibrate(done.model, classes, images, labels, resolve_device(done.train_cfg.device))
     finish(done, calibration=calibration, rank_checksums=result.get("rank_checksums"))
     summary["calibration"] = calibration
     return summary
+
+
+def _resize_record(cache, saved: dict | None, image_size: int | None, init) -> dict:
+    """The run's model shape when it differs from the cache's: {"shape", "data_shape", "resize"} or {}."""
+    from medclf.scoring.resize import RESIZE_MODE
+
+    C, H, W = cache.shape
+    if saved is not None:  # resume: the recorded size stands
+        if image_size and image_size != saved["shape"][1]:
+            raise MedclfError(f"--resume continues with the recorded configuration; --image-size {image_size} would "
+                              f"change it (recorded: {saved['shape'][1]})")
+        return {k: saved[k] for k in ("shape", "data_shape", "resize") if k in saved}
+    if not image_size or image_size == H:
+        return {}
+    if image_size < 8:
+        raise MedclfError(f"--image-size {image_size} is too small (8 px at least)")
+    if init is not None:
+        raise MedclfError("--init with an --image-size other than the cache's is not supported: ingest a cache at the "
+                          "pretraining run's size")
+    return {"shape": [C, image_size, image_size], "data_shape": [C, H, W], "resize": {"to": image_size, "mode": RESIZE_MODE}}
 
 
 def _init_options(init: str | Path, method_name: str, options: dict, cache):

@@ -71,12 +71,25 @@ def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dic
               **method.record(model, C, H, start), **record}
     if rank == 0:
         open_run(out, record, resume, unfinished_ok)
-    result = train(model, method.loss_fn(n_classes), dataset, train_cfg, out, resume=resume, progress=progress)
+    loss = method.loss_fn(n_classes)
+    if record.get("resize"):
+        loss = _resized_loss(loss, record["resize"]["to"])
+    result = train(model, loss, dataset, train_cfg, out, resume=resume, progress=progress)
     done = Fit(run=out, method=method, model=model, record=record, train_cfg=train_cfg, result=result)
     if rank == 0:
         save_weights(out, method, result["ema"])
         model.load_state_dict(result["ema"])
     return done
+
+
+def _resized_loss(loss, size: int):
+    """The method's loss on images resized to the model's size on the device (``finetune --image-size``)."""
+    from medclf.scoring.resize import resize_images
+
+    def resized(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        return loss(model, {**batch, "image": resize_images(batch["image"], size)}, g)
+
+    return resized
 
 
 def finish(done: Fit, **entries: Any) -> dict:
