@@ -310,7 +310,8 @@ def _score_item(item: Planned, scorer, pre: PreprocessConfig, batch_size: int, e
         img, left_out, slice_files = _read_planned(item)
         x, how = prepare(img, pre, src, with_scaling=True)
         if run is not None:
-            check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src, intensity=how))
+            check_compatible(run, DataSpec(shape=x.shape[1:], preprocessing=pre.to_dict(), path=src, intensity=how,
+                                           modality=img.meta.get("modality")))
     except _AllFailed as e:
         yield from e.errors
         return

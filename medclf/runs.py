@@ -107,6 +107,7 @@ class DataSpec:
     preprocessing: dict
     path: Path | str | None = None
     intensity: str | None = None  #: how this input was scaled ("windows:brain", "rgb/255", "percentile:...")
+    modality: str | None = None  #: DICOM Modality of this input (CT, MR, ...), when it has one
 
 
 def intensity_family(how: str) -> str:
@@ -134,6 +135,10 @@ def check_compatible(run: Run | dict, data, what: str = "the model") -> None:
         fix = "--window / --channels" if want[0] != got[0] else "--size"
         raise MedclfError(f"the data's images are {got} (C, H, W), {what} was {verb} on {want}: ingest with the "
                           f"run's {fix}", data.path)
+    trained_on, modality = config.get("modalities"), getattr(data, "modality", None)
+    if trained_on and modality and modality not in trained_on:
+        raise MedclfError(f"this input is {modality}, but {what} was {verb} on {' / '.join(trained_on)} images only",
+                          data.path)
     seen, how = config.get("intensities"), getattr(data, "intensity", None)
     if seen and how and intensity_family(how) not in {intensity_family(h) for h in seen}:
         want_words = " / ".join(sorted({_FAMILY_WORDS.get(intensity_family(h), h) for h in seen}))
@@ -262,7 +267,9 @@ def data_record(cache) -> dict:
             "preprocessing": cache.manifest["preprocessing"], "dataset": cache.manifest["dataset"],
             "split_seed": cache.manifest.get("seed", 0),
             # how the training images were scaled: classify refuses inputs of another kind (RGB through a CT model)
-            "intensities": sorted({it["intensity"] for it in cache.items if it.get("intensity")})[:16]}
+            "intensities": sorted({it["intensity"] for it in cache.items if it.get("intensity")})[:16],
+            # and their DICOM modalities (none for PNG/JPEG/NIfTI): classify refuses an MR scan through a CT model
+            "modalities": sorted({it["modality"] for it in cache.items if it.get("modality")})[:16]}
 
 
 def refuse_existing(out: Path, unfinished_ok: bool = False) -> None:

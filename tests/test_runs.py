@@ -214,3 +214,16 @@ def test_finetune_at_another_size_than_the_cache_resizes_everywhere(tmp_path, ct
     assert json.loads(c.stdout.splitlines()[0])["prediction"] in run.classes
     r = run_cli("finetune", ct32_cache, "--out", out, "--resume", "--image-size", "24")
     assert r.returncode == 1 and "--image-size 24 would change it (recorded: 16)" in r.stderr, r.stderr
+
+
+def test_classify_refuses_a_modality_the_run_never_saw(tmp_path, tiny_run):
+    """An MR slice through the head-CT model: refused with both modalities named; a CT slice beside it goes on."""
+    mr = write_ct(tmp_path / "mr.dcm", np.full((16, 16), 300, np.int16), modality="MR", intercept=None, slope=None,
+                  series_uid="1.2.826.0.1.3680043.8.498.91")
+    ct = sorted((SAMPLE / "rsna" / "stage_2_train").glob("*.dcm"))[0]
+    r = run_cli("classify", mr, ct, "--model", tiny_run, "--json", check_rc=3)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    (bad,) = [row for row in rows if "error" in row]
+    assert bad["input"] == str(mr) and "this input is MR" in bad["error"] and "CT" in bad["error"], bad
+    assert [row["input"] for row in rows if "prediction" in row] == [str(ct)]
+    assert json.loads((tiny_run / "config.json").read_text())["modalities"] == ["CT"]
