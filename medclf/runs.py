@@ -7,6 +7,9 @@
     RUN/metrics.jsonl      training curve
     RUN/checkpoints/step-NNNNNNN/  model, ema, optimizer (safetensors) + state.json, for --resume
 
+A model package (``medclf export RUN --out MODEL.zip``) loads as the run it holds: ``load_run``
+unpacks it once (``medclf.io.package``, safetensors and JSON only) and reads that folder.
+
 Every command that reads or writes a run goes through this module: finetune and pretrain share
 its write/resume steps, and finetune --init, eval, zero-shot and classify share
 ``check_compatible`` and the loaders. It sits above ``methods`` (a run is rebuilt by its method)
@@ -26,6 +29,7 @@ import torch
 from medclf import __version__
 from medclf.atomic import atomic_write_text
 from medclf.errors import MedclfError
+from medclf.io.package import is_package, unpack_package
 from medclf.io.weights import load_tensors, save_tensors
 from medclf.methods import Method, get_method
 
@@ -40,6 +44,7 @@ CHECKPOINTS = "checkpoints"
 class Run:
     path: Path
     config: dict
+    package: Path | None = None  #: the model package (``medclf export``) this run was unpacked from
 
     @property
     def method(self) -> str:
@@ -80,10 +85,13 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.exists():
         raise MedclfError("model run not found", path)
+    package = path if is_package(path) else None  # MODEL.zip: unpacked once, then loaded as its run folder
+    if package:
+        path = unpack_package(package)
     config = read_config(path)
     if not (path / WEIGHTS).exists():
         raise MedclfError("run has no model.safetensors (training did not finish? resume it with --resume)", path)
-    return Run(path=path, config=config)
+    return Run(path=path, config=config, package=package)
 
 
 def resolve_model(model: str | Path | None) -> Path:

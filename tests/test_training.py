@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from medclf.errors import MedclfError
+from medclf.io.weights import load_tensors, load_torch_weights
 from medclf.runs import load_classifier as load_model
+from medclf.runs import load_run, resolve_model
 from medclf.training.finetune import finetune
 from medclf.training.loop import TrainConfig, lr_at
-from medclf.io.weights import load_tensors, load_torch_weights
-from medclf.runs import load_run, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "dit", "model_size": "tiny", "trials": 8}

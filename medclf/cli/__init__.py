@@ -11,6 +11,7 @@ from medclf import __version__
 from medclf.cli import classify as _classify
 from medclf.cli import evaluate as _evaluate
 from medclf.cli import explain as _explain
+from medclf.cli import export as _export
 from medclf.cli import finetune as _finetune
 from medclf.cli import ingest as _ingest
 from medclf.cli import pretrain as _pretrain
@@ -45,6 +46,7 @@ app.command("finetune", no_args_is_help=True)(_finetune.finetune_cmd)
 app.command("classify", no_args_is_help=True)(_classify.classify_cmd)
 app.command("eval")(_evaluate.eval_cmd)
 app.command("explain", no_args_is_help=True)(_explain.explain_cmd)
+app.command("export", no_args_is_help=True)(_export.export_cmd)
 app.command("pretrain", no_args_is_help=True)(_pretrain.pretrain_cmd)
 app.command("sample", no_args_is_help=True)(_sample.sample_cmd)
 

@@ -228,7 +228,7 @@ def bad_argument_choice(enum_cls: type[enum.Enum], option: str) -> Callable[[str
 
 
 # --------------------------------------------------------------------------- options of many commands
-ModelRun = Annotated[Optional[str], typer.Option("--model", help="Run folder (default: $MEDCLF_MODEL).")]
+ModelRun = Annotated[Optional[str], typer.Option("--model", help="Run folder or model package (MODEL.zip from `medclf export`; default: $MEDCLF_MODEL).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 
 # Training options shared by finetune and pretrain. Their defaults differ by objective (lr, warm-up,

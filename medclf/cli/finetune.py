@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from medclf.cli._common import (Amp, BatchSize, CheckpointEvery, ClassifierMethod, ClassifierSize, Device, EmaDecay,
-                                LearningRate, Resume, RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers, err,
+                                LearningRate, Resume, RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers,
                                 out, given, resume_mode, ResumeAuto, train_options, train_progress, warn)
 
 

@@ -133,7 +133,7 @@ def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 
                           f"{run.classes}", cache.path)
     res = score_split(scorer, cache, split, progress=progress, transform=corruption_transform(corrupt))
     about = {"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
-             "model": str(run.path), "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"]}
+             "model": str(getattr(run, "package", None) or run.path), "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"]}
     title = f"{run.path.name} on {split}"
     if multilabel:
         m = multilabel_metrics(res["y"], res["probs"], run.classes, n_bootstrap=bootstrap)
