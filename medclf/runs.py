@@ -143,16 +143,16 @@ def check_compatible(run: Run | dict, data, what: str = "the model") -> None:
         fix = "--window / --channels" if want[0] != got[0] else "--size"
         raise MedclfError(f"the data's images are {got} (C, H, W), {what} was {verb} on {want}: ingest with the "
                           f"run's {fix}", data.path)
-    trained_on, modality = config.get("modalities"), getattr(data, "modality", None)
-    if trained_on and modality and modality not in trained_on:
-        raise MedclfError(f"this input is {modality}, but {what} was {verb} on {' / '.join(trained_on)} images only",
-                          data.path)
     seen, how = config.get("intensities"), getattr(data, "intensity", None)
     if seen and how and intensity_family(how) not in {intensity_family(h) for h in seen}:
         want_words = " / ".join(sorted({_FAMILY_WORDS.get(intensity_family(h), h) for h in seen}))
         raise MedclfError(f"this input reads as {_FAMILY_WORDS.get(intensity_family(how), how)} ({how}), but {what} "
                           f"was {verb} on {want_words} ({', '.join(seen)}): it would get a confident, meaningless "
                           "answer", data.path)
+    trained_on, modality = config.get("modalities"), getattr(data, "modality", None)
+    if trained_on and modality not in (None, "unknown") and modality not in trained_on:  # unknown: PNG/NIfTI
+        raise MedclfError(f"this input is {modality}, but {what} was {verb} on {' / '.join(trained_on)} images only",
+                          data.path)
     mine, theirs = config.get("preprocessing"), data.preprocessing
     if mine and theirs:
         a, b = PreprocessConfig.from_dict(mine), PreprocessConfig.from_dict(theirs)
@@ -277,7 +277,7 @@ def data_record(cache) -> dict:
             # how the training images were scaled: classify refuses inputs of another kind (RGB through a CT model)
             "intensities": sorted({it["intensity"] for it in cache.items if it.get("intensity")})[:16],
             # and their DICOM modalities (none for PNG/JPEG/NIfTI): classify refuses an MR scan through a CT model
-            "modalities": sorted({it["modality"] for it in cache.items if it.get("modality")})[:16]}
+            "modalities": sorted({it["modality"] for it in cache.items if it.get("modality") not in (None, "unknown")})[:16]}
 
 
 def refuse_existing(out: Path, unfinished_ok: bool = False) -> None:
