@@ -191,13 +191,13 @@ def _classifier_names() -> list[str]:
 
 
 def _unet_sizes() -> list[str]:
-    from medclf.methods.diffusion_classifier import UNET_SIZES
+    from medclf.models.sizes import UNET_SIZES
 
     return list(UNET_SIZES)
 
 
 def _dit_sizes() -> list[str]:
-    from medclf.models.dit import DIT_SIZES
+    from medclf.models.sizes import DIT_SIZES
 
     return list(DIT_SIZES)
 

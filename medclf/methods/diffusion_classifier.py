@@ -19,13 +19,9 @@ from medclf.data.cache import to_unit_float
 from medclf.methods.base import Method, register_method
 from medclf.scoring.base import calibration_health, fit_calibration
 from medclf.scoring.denoising import DenoisingScorer, ScoringConfig
+from medclf.models.sizes import UNET_SIZES  # noqa: F401  (re-exported: the table lives torch-free)
 
 #: name -> (channels, attention levels, res blocks, norm groups)
-UNET_SIZES = {
-    "tiny": ((16, 32, 32), (False, False, True), 1, 8),
-    "small": ((32, 64, 64), (False, False, True), 1, 16),  # the 1.1M-parameter net METHODS.md costs
-    "base": ((64, 128, 256, 256), (False, False, True, True), 2, 32),
-}
 
 
 @dataclass

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from medclf.models.diffusion import timestep_embedding
+from medclf.models.sizes import DIT_SIZES  # noqa: F401  (re-exported: the table lives torch-free)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -103,11 +104,6 @@ class DiT(nn.Module):
 
 
 #: name -> (patch, hidden, depth, heads); the CLI's --model-size choices come from here
-DIT_SIZES = {
-    "tiny": (4, 64, 2, 2),
-    "small": (4, 384, 12, 6),
-    "base": (4, 768, 12, 12),
-}
 
 
 def build_dit(size: str, image_size: int, in_channels: int, num_classes: int = 0, cond_dim: int = 0) -> DiT:
