@@ -7,6 +7,7 @@
       errors.jsonl       one failed input per line: path, reason
       shards/NNNNN.bin   raw int16 (n, C, H, W) arrays holding [0, 1] as 0..32767: fixed shape, so
                          they memory-map directly
+      parts/             only while a sharded ingest (``--num-parts``) waits for ``--merge``: see shards.py
 
 Raw shards rather than .npy/.pt: each worker streams items into its shard without knowing the
 count in advance, and readers ``np.memmap`` them without parsing a header. 15-bit fixed point in
@@ -33,6 +34,7 @@ ITEMS = "items.jsonl"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
 STATE = ".ingest"  # in-progress state (plan, per-shard records); removed when the cache completes
+PARTS = "parts"  # a sharded ingest's parts (ingest --num-parts K --part-id I); removed by ingest --merge
 DTYPE = "int16"
 SCALE = 32767.0  #: stored value / SCALE = intensity in [0, 1]
 
@@ -100,7 +102,8 @@ def open_cache(path: str | Path) -> CacheInfo:
         raise MedclfError("cache not found", path)
     mf = path / MANIFEST
     if not mf.exists():
-        hint = " (an interrupted ingest: re-run medclf ingest with --resume)" if (path / STATE).exists() else ""
+        hint = (f" (parts of a sharded ingest: run medclf ingest --merge --out {path})" if (path / PARTS).exists()
+                else " (an interrupted ingest: re-run medclf ingest with --resume)" if (path / STATE).exists() else "")
         raise MedclfError("not a complete medclf cache: manifest.json is missing" + hint, path)
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))

@@ -3,6 +3,10 @@
 Pipeline: adapter plan (CSV/listing only) -> fingerprint -> shards of work units processed by a
 process pool (each worker reads, preprocesses and streams its shard to disk, so pixels never cross
 process boundaries) -> split assignment and manifest, written last and atomically.
+
+At scale the shards are spread over machines: ``num_parts``/``part_id`` make one ingest process only
+its part of the whole plan's shards (into ``CACHE/parts/``, see ``shards.py``) and ``merge_parts``
+renames them into place and runs the same last step, so the result equals a single-machine ingest.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from medclf import __version__
-from medclf.data.cache import (DTYPE, ERRORS, SCALE, FORMAT_VERSION, ITEMS, MANIFEST, SHARDS, STATE, atomic_write_text,
-                               read_jsonl, write_jsonl)
+from medclf.data import shards as parts_
+from medclf.data.cache import (DTYPE, ERRORS, SCALE, FORMAT_VERSION, ITEMS, MANIFEST, PARTS, SHARDS, STATE,
+                               atomic_write_text, read_jsonl, write_jsonl)
 from medclf.datasets import AdapterOptions, Plan, Unit, get_adapter
 from medclf.datasets.splits import group_split
 from medclf.errors import MedclfError, ReadError
@@ -44,6 +49,10 @@ class IngestConfig:
     workers: int = 0  #: 0: one per core (at most 8); 1: in-process
     resume: bool = False
     overwrite: bool = False
+    #: a sharded ingest: process only part ``part_id`` (0..num_parts-1) of the whole plan's shards, into
+    #: ``out/parts/part-I-of-K``; ``merge_parts(out)`` then makes the cache. None, None: the whole cache here
+    num_parts: int | None = None
+    part_id: int | None = None
 
 
 @dataclass
@@ -60,11 +69,15 @@ class IngestResult:
     size_bytes: int
     seconds: float
     notes: list[str]
+    #: a part of a sharded ingest: part_id, num_parts, shards (indices in the whole plan), merged (the
+    #: cache they belong to is complete already); None for a whole cache
+    part: dict | None = None
+    merged_parts: int | None = None  #: ``merge_parts``: how many parts the cache was merged from
 
     @property
     def files_per_s(self) -> float | None:
-        """Inputs processed per second; None for an up-to-date cache (nothing was processed)."""
-        if self.up_to_date:
+        """Inputs processed per second; None for an up-to-date cache or a merge (no file was read)."""
+        if self.up_to_date or self.merged_parts:
             return None
         return self.n_units / self.seconds if self.seconds > 0 else None
 
@@ -261,17 +274,19 @@ def _unit_dict(u: Unit) -> dict:
     return asdict(u)
 
 
-def _check_out(out: Path, fp: str, cfg: IngestConfig) -> bool:
-    """Decide what to do with ``out``; True when a complete cache with this fingerprint is there."""
-    mf = out / MANIFEST
+def _check_out(out: Path, fp: str, cfg: IngestConfig, mark: str = MANIFEST) -> bool:
+    """Decide what to do with ``out`` (a cache, or a part's folder when ``mark`` is the part record);
+    True when a complete one with this fingerprint is there."""
+    what = "cache" if mark == MANIFEST else "part"
+    mf = out / mark
     if mf.exists():
         old = json.loads(mf.read_text(encoding="utf-8")).get("fingerprint")
         if old == fp and not cfg.overwrite:
             return True
         if not cfg.overwrite:
-            raise MedclfError(f"holds a cache of different inputs/preprocessing (fingerprint {old}); "
+            raise MedclfError(f"holds a {what} of different inputs/preprocessing (fingerprint {old}); "
                               "choose another --out or pass --overwrite", out)
-        _remove_cache_files(out)
+        _remove_cache_files(out, mark)
         return False
     state = out / STATE / "plan.json"
     if state.exists():
@@ -280,19 +295,43 @@ def _check_out(out: Path, fp: str, cfg: IngestConfig) -> bool:
             raise MedclfError(f"the interrupted ingest here had other inputs/preprocessing (fingerprint {old}); "
                               "re-run it with its own arguments, or without --resume to start over", out)
         if not cfg.resume:
-            _remove_cache_files(out)
+            _remove_cache_files(out, mark)
         return False
+    if mark == MANIFEST and (out / PARTS).exists():
+        if not cfg.overwrite:
+            raise MedclfError(f"holds the parts of a sharded ingest ({PARTS}/): merge them with medclf ingest --merge "
+                              f"--out {out}, or pass --overwrite to replace them", out)
+        _remove_cache_files(out, mark)
     if out.exists() and any(out.iterdir()):
-        raise MedclfError("exists and is not a medclf cache; refusing to write into it", out)
+        raise MedclfError(f"exists and is not a medclf {what}; refusing to write into it", out)
     return False
 
 
-def _remove_cache_files(out: Path) -> None:
-    """Remove only what ingest itself writes (never anything else a user keeps there)."""
-    for name in (MANIFEST, ITEMS, ERRORS):
+def _remove_cache_files(out: Path, mark: str = MANIFEST, keep_parts: bool = False) -> None:
+    """Remove only what ingest itself writes (never anything else a user keeps there): a cache's files
+    (and its parts unless ``keep_parts``), or a part's."""
+    for name in (mark, ITEMS, ERRORS):
         (out / name).unlink(missing_ok=True)
-    for d in (SHARDS, STATE):
+    for d in (SHARDS, STATE) if keep_parts or mark != MANIFEST else (SHARDS, STATE, PARTS):
         shutil.rmtree(out / d, ignore_errors=True)
+
+
+def _check_cache_of_part(out: Path, fp: str, cfg: IngestConfig) -> bool:
+    """Before writing a part: True when ``out`` already holds the merged cache of these inputs; refuse a
+    cache of other inputs (unless --overwrite: the merge will replace it) and a folder that is no cache."""
+    mf = out / MANIFEST
+    if mf.exists():
+        old = json.loads(mf.read_text(encoding="utf-8")).get("fingerprint")
+        if old == fp and not cfg.overwrite:
+            return True
+        if not cfg.overwrite:
+            raise MedclfError(f"holds a cache of different inputs/preprocessing (fingerprint {old}); choose another "
+                              "--out or pass --overwrite (to every part and to --merge)", out)
+        return False
+    ours = {MANIFEST, ITEMS, ERRORS, SHARDS, STATE, PARTS}
+    if out.exists() and any(p.name not in ours for p in out.iterdir()):
+        raise MedclfError("exists and is not a medclf cache; refusing to write into it", out)
+    return False
 
 
 def _dir_size(path: Path) -> int:
@@ -306,9 +345,38 @@ def result_from_manifest(out: Path, manifest: dict, up_to_date: bool, seconds: f
                         size_bytes=_dir_size(out), seconds=seconds, notes=manifest.get("notes", []))
 
 
+def _part_result(folder: Path, rec: dict, up_to_date: bool, seconds: float) -> IngestResult:
+    """A finished part's summary: its own shards' items and failures (part 0 also lists the planning
+    failures, so the parts' counts add up to the merged cache's). Splits wait for the merge."""
+    plan_errors = rec["header"]["plan_errors"] if rec["part_id"] == 0 else []
+    items, errors = [], [{"path": p, "reason": r} for p, r in plan_errors]
+    for k in rec["shards"]:
+        items += read_jsonl(parts_.shard_file(folder, k, ".jsonl"))
+        errors += read_jsonl(parts_.shard_file(folder, k, ".errors.jsonl"))
+    h = rec["header"]
+    counts = _counts(items, h["classes"], h["label_names"], unassigned="unassigned")
+    n_units = rec["n_units_part"]
+    label = f"part {rec['part_id']} of {rec['num_parts']}"
+    mine = (f"shards {_ranges(rec['shards'])} of the plan's {rec['n_shards']}" if rec["shards"] else
+            f"no shard (the plan has {rec['n_shards']}, fewer than the parts)")
+    notes = [*h["notes"], f"{label}: {mine}; splits are assigned by medclf ingest --merge --out "
+             f"{folder.parent.parent} once all {rec['num_parts']} parts are done"]
+    return IngestResult(cache=folder, fingerprint=rec["fingerprint"], up_to_date=up_to_date, dataset=h["dataset"],
+                        n_units=n_units, n_items=len(items), n_failed=len(errors), counts=counts, errors=errors,
+                        size_bytes=_dir_size(folder), seconds=seconds, notes=notes,
+                        part={"part_id": rec["part_id"], "num_parts": rec["num_parts"], "shards": rec["shards"],
+                              "merged": False})
+
+
+def _ranges(ks: list[int]) -> str:
+    return ", ".join(map(str, ks)) if len(ks) <= 6 else f"{', '.join(map(str, ks[:3]))}, ..., {ks[-1]} ({len(ks)})"
+
+
 def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResult:
-    """Run (or resume, or skip as up to date) an ingest; raise MedclfError on unusable arguments."""
+    """Run (or resume, or skip as up to date) an ingest, or with ``cfg.num_parts`` one part of a sharded
+    one (then ``merge_parts``); raise MedclfError on unusable arguments."""
     t0 = time.perf_counter()
+    parts_.check_part_args(cfg.num_parts, cfg.part_id)
     sources = [Path(s) for s in cfg.sources]
     for s in sources:
         if not s.exists():
@@ -335,49 +403,147 @@ def ingest(cfg: IngestConfig, progress: ProgressFn | None = None) -> IngestResul
         # a copy (the caller's config is left as given), with the channel count settled
         pre = replace(cfg.preprocess, windows=list(cfg.preprocess.windows), channels=_decide_channels(plan, cfg))
         fp = fingerprint(plan, cfg, pre)
-        if _check_out(out, fp, cfg):
-            manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-            return result_from_manifest(out, manifest, True, time.perf_counter() - t0)
         units = [_unit_dict(u) for u in plan.units]
-        # plan.json first: from then on the folder reads as an interrupted ingest (resumable), never as a stranger's
-        atomic_write_text(out / STATE / "plan.json", json.dumps({"fingerprint": fp, "n_units": len(units)}))
-        (out / SHARDS).mkdir(parents=True, exist_ok=True)
         size = _shard_size(len(units))
+        # the whole plan's shards: a part processes some of exactly these, so its files are a single ingest's
         shards = [units[i : i + size] for i in range(0, len(units), size)]
+        if cfg.num_parts is None:
+            dest, mine = out, list(range(len(shards)))
+            if _check_out(out, fp, cfg):
+                manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+                return result_from_manifest(out, manifest, True, time.perf_counter() - t0)
+        else:
+            dest = parts_.part_dir(out, cfg.part_id, cfg.num_parts)
+            mine = parts_.part_shards(len(shards), cfg.part_id, cfg.num_parts)
+            if _check_cache_of_part(out, fp, cfg):  # merged already: nothing left for this part to do
+                manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+                res = result_from_manifest(out, manifest, True, time.perf_counter() - t0)
+                res.part = {"part_id": cfg.part_id, "num_parts": cfg.num_parts, "shards": mine, "merged": True}
+                return res
+            if _check_out(dest, fp, cfg, mark=parts_.PART_RECORD):
+                return _part_result(dest, parts_.read_record(dest), True, time.perf_counter() - t0)
+        n_mine = sum(len(shards[k]) for k in mine)
+        # plan.json first: from then on the folder reads as an interrupted ingest (resumable), never as a stranger's
+        atomic_write_text(dest / STATE / "plan.json", json.dumps({"fingerprint": fp, "n_units": n_mine}))
+        (dest / SHARDS).mkdir(parents=True, exist_ok=True)
         done_units = 0
         todo = []
-        for k, chunk in enumerate(shards):
-            if cfg.resume and (out / SHARDS / f"{k:05d}.bin").exists():
-                done_units += len(chunk)
+        for k in mine:
+            if cfg.resume and (dest / SHARDS / f"{k:05d}.bin").exists():
+                done_units += len(shards[k])
             else:
                 todo.append(k)
         if progress:
-            progress(done_units, len(units))
+            progress(done_units, n_mine)
         pre_d = pre.to_dict()
         if pool is None:
             for k in todo:
-                process_shard(str(out), k, shards[k], pre_d)
+                process_shard(str(dest), k, shards[k], pre_d)
                 done_units += len(shards[k])
                 if progress:
-                    progress(done_units, len(units))
+                    progress(done_units, n_mine)
         else:
-            pending = {pool.submit(process_shard, str(out), k, shards[k], pre_d) for k in todo}
+            pending = {pool.submit(process_shard, str(dest), k, shards[k], pre_d) for k in todo}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     _, n_u, _, _ = fut.result()
                     done_units += n_u
                     if progress:
-                        progress(done_units, len(units))
+                        progress(done_units, n_mine)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    manifest = _finalize(out, plan, cfg, pre, fp, len(shards), len(units))
-    return result_from_manifest(out, manifest, False, time.perf_counter() - t0)
+    header = _header(plan, cfg, pre)
+    if cfg.num_parts is None:
+        manifest = _finalize(out, header, fp, len(shards), len(units))
+        return result_from_manifest(out, manifest, False, time.perf_counter() - t0)
+    rec = _finish_part(dest, cfg.part_id, cfg.num_parts, fp, header, len(units), len(shards), n_mine)
+    return _part_result(dest, rec, False, time.perf_counter() - t0)
 
 
-def _finalize(out: Path, plan: Plan, cfg: IngestConfig, pre: PreprocessConfig, fp: str, n_shards: int, n_units: int) -> dict:
-    items, errors, shard_info = [], [{"path": p, "reason": r} for p, r in plan.errors], []
+def _header(plan: Plan, cfg: IngestConfig, pre: PreprocessConfig) -> dict:
+    """What the manifest records of the plan and the options (JSON-able): a part keeps it in its record,
+    so the merge writes the manifest a single ingest writes."""
+    return {"dataset": plan.dataset, "options": plan.options, "seed": cfg.seed, "preprocessing": pre.to_dict(),
+            "preprocessing_fingerprint": pre.fingerprint(), "shape": [pre.channels, pre.size, pre.size],
+            "classes": plan.classes, "label_names": plan.label_names, "notes": plan.notes,
+            "split_fractions": list(plan.split_fractions), "plan_errors": [[p, r] for p, r in plan.errors]}
+
+
+def _finish_part(folder: Path, part_id: int, num_parts: int, fp: str, header: dict, n_units: int, n_shards: int,
+                 n_mine: int) -> dict:
+    """Write the part's record last (atomically: its presence marks the part complete) and drop its state."""
+    mine = parts_.part_shards(n_shards, part_id, num_parts)
+    for k in mine:  # shards are written unsynced; a part's wait on disk (maybe a shared one) for the merge
+        for suffix in parts_.SHARD_SUFFIXES:
+            with open(parts_.shard_file(folder, k, suffix), "rb") as f:
+                os.fsync(f.fileno())
+    n_items = sum(len(read_jsonl(parts_.shard_file(folder, k, ".jsonl"))) for k in mine)
+    n_failed = sum(len(read_jsonl(parts_.shard_file(folder, k, ".errors.jsonl"))) for k in mine)
+    rec = parts_.record(part_id, num_parts, fp, n_units, n_shards, json.loads(json.dumps(header)), n_mine, n_items,
+                        n_failed, __version__)
+    atomic_write_text(folder / parts_.PART_RECORD, json.dumps(rec, indent=1, sort_keys=True))
+    shutil.rmtree(folder / STATE, ignore_errors=True)
+    return rec
+
+
+def merge_parts(out: Path, overwrite: bool = False) -> IngestResult:
+    """Merge the K parts in ``out/parts`` (all present, complete, planned alike) into one cache: the
+    shards are renamed into place and the manifest is written as a single ingest writes it, so the
+    cache is that ingest's, byte for byte. An interrupted merge is continued by running it again."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MedclfError("--out exists and is not a folder", out)
+    if not out.exists():
+        raise MedclfError("cache folder not found: nothing to merge", out)
+    mf = out / MANIFEST
+    if mf.exists() and not (out / PARTS).exists():  # merged before (the parts are removed last)
+        return result_from_manifest(out, json.loads(mf.read_text(encoding="utf-8")), True, time.perf_counter() - t0)
+    found = parts_.find_parts(out)
+    ref = found[0].record
+    fp = ref["fingerprint"]
+    if mf.exists():
+        old = json.loads(mf.read_text(encoding="utf-8")).get("fingerprint")
+        if old == fp:  # merged (the same bytes whatever --overwrite says), then stopped before removing the parts
+            shutil.rmtree(out / PARTS)
+            return result_from_manifest(out, json.loads(mf.read_text(encoding="utf-8")), True, time.perf_counter() - t0)
+        if not overwrite:
+            raise MedclfError(f"holds a cache of different inputs/preprocessing (fingerprint {old}) than its parts "
+                              f"({fp}); pass --overwrite to replace it with the merged parts", out)
+    state = out / STATE / "plan.json"
+    # continuing an interrupted merge of these parts: the shards it moved already count as there
+    was = json.loads(state.read_text(encoding="utf-8")) if state.exists() and not mf.exists() else {}
+    resumed = was.get("fingerprint") == fp and was.get("merging") == ref["num_parts"]
+    parts_.check_shard_files(found, out, moved_ok=resumed)  # before anything is removed: a refusal changes nothing
+    if not resumed:
+        _remove_cache_files(out, keep_parts=True)  # another ingest's leftovers: shards that are not these
+    atomic_write_text(state, json.dumps({"fingerprint": fp, "n_units": ref["n_units"], "merging": ref["num_parts"]}))
+    for p in found:
+        parts_.move_shards(p, out)
+    manifest = _finalize(out, ref["header"], fp, ref["n_shards"], ref["n_units"], version=ref["medclf_version"])
+    shutil.rmtree(out / PARTS)
+    res = result_from_manifest(out, manifest, False, time.perf_counter() - t0)
+    res.merged_parts = ref["num_parts"]
+    return res
+
+
+def _counts(items: list[dict], classes: list[str], label_names: list[str], unassigned: str | None = None) -> dict:
+    """split -> class -> items (``unassigned``: the split key of items not split yet, in a part)."""
+    counts: dict[str, dict[str, int]] = {}
+    for it in items:
+        cls = classes[it["label"]] if it["label"] is not None and classes else "unlabeled" if not label_names else "multi-label"
+        split = it["split"] if it["split"] is not None else unassigned
+        counts.setdefault(split, {}).setdefault(cls, 0)
+        counts[split][cls] += 1
+    return counts
+
+
+def _finalize(out: Path, header: dict, fp: str, n_shards: int, n_units: int, version: str = __version__) -> dict:
+    """Split assignment over all items (the whole plan's, so a sharded ingest splits as a single one), the
+    records and the manifest, written last; then the per-shard records and the state go."""
+    items, errors, shard_info = [], [{"path": p, "reason": r} for p, r in header["plan_errors"]], []
     for k in range(n_shards):
         base = out / SHARDS / f"{k:05d}"
         rows = read_jsonl(base.with_suffix(".jsonl"))
@@ -387,40 +553,35 @@ def _finalize(out: Path, plan: Plan, cfg: IngestConfig, pre: PreprocessConfig, f
     # Seeded, group-aware split for items without an official one (stratified by primary label).
     free = [it for it in items if it["split"] is None]
     if free:
-        assign = group_split([it["group"] for it in free], [-1 if it["label"] is None else it["label"] for it in free], cfg.seed,
-                             plan.split_fractions)
+        assign = group_split([it["group"] for it in free], [-1 if it["label"] is None else it["label"] for it in free],
+                             header["seed"], tuple(header["split_fractions"]))
         for it in free:
             it["split"] = assign[it["group"]]
-    names = plan.classes
-    counts: dict[str, dict[str, int]] = {}
-    for it in items:
-        cls = names[it["label"]] if it["label"] is not None and names else "unlabeled" if not plan.label_names else "multi-label"
-        counts.setdefault(it["split"], {}).setdefault(cls, 0)
-        counts[it["split"]][cls] += 1
+    counts = _counts(items, header["classes"], header["label_names"])
     write_jsonl(out / ITEMS, items)
     write_jsonl(out / ERRORS, errors)
     manifest = {
         "format": FORMAT_VERSION,
-        "medclf_version": __version__,
+        "medclf_version": version,
         "fingerprint": fp,
-        "dataset": plan.dataset,
-        "options": plan.options,
-        "seed": cfg.seed,
-        "preprocessing": pre.to_dict(),
-        "preprocessing_fingerprint": pre.fingerprint(),
-        "shape": [pre.channels, pre.size, pre.size],
+        "dataset": header["dataset"],
+        "options": header["options"],
+        "seed": header["seed"],
+        "preprocessing": header["preprocessing"],
+        "preprocessing_fingerprint": header["preprocessing_fingerprint"],
+        "shape": header["shape"],
         "dtype": DTYPE,
-        "classes": plan.classes,
-        "label_names": plan.label_names,
-        "task": "multiclass" if plan.classes else "multilabel" if plan.label_names else "unlabeled",
+        "classes": header["classes"],
+        "label_names": header["label_names"],
+        "task": "multiclass" if header["classes"] else "multilabel" if header["label_names"] else "unlabeled",
         "n_units": n_units,
         "n_items": len(items),
         "n_failed": len(errors),
         "counts": counts,
         "shards": shard_info,
-        "notes": plan.notes,
+        "notes": header["notes"],
         "split_policy": "official where shipped; else seeded by patient/lesion group, stratified by label",
-        "split_fractions": list(plan.split_fractions),
+        "split_fractions": list(header["split_fractions"]),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     # Per-shard records only go once the manifest (the completeness mark) is in place.
