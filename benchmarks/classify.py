@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--split", default="test")
     ap.add_argument("--trials", type=int, default=501, help="full budget (Favero et al.: 501)")
-    ap.add_argument("--prune-z", type=float, default=None,
-                    help="adaptive pruning threshold (default: medclf's current default, also for older runs)")
+    ap.add_argument("--prune-alpha", type=float, default=None,
+                    help="adaptive pruning test level (default: medclf's current default, also for older runs)")
     ap.add_argument("--naive-images", type=int, default=4, help="images for the slow naive loop (timed per image)")
     ap.add_argument("--arch", default="unet", help="unet (the demo's) | dit, when training here")
     ap.add_argument("--steps", type=int, default=800)
@@ -94,8 +94,8 @@ def main() -> None:
     y = np.array([ds[i]["label"] for i in range(len(ds))])
     from medclf.scoring.denoising import ScoringConfig
 
-    prune_z = args.prune_z if args.prune_z is not None else ScoringConfig().prune_z
-    scorers = {name: load_scorer(model, "cpu", trials=args.trials, adaptive=adaptive, decision="vote", prune_z=prune_z)[1]
+    prune_alpha = args.prune_alpha if args.prune_alpha is not None else ScoringConfig().prune_alpha
+    scorers = {name: load_scorer(model, "cpu", trials=args.trials, adaptive=adaptive, decision="vote", prune_alpha=prune_alpha)[1]
                for name, adaptive in (("full", False), ("adaptive", True))}
     for sc in scorers.values():
         sc.predict(x[:2])  # warm-up
@@ -115,7 +115,7 @@ def main() -> None:
         keep(("naive", nfe / len(xs), float((pred == ys).mean()), time.perf_counter() - t0, len(xs)))
     rows = [best["full"], best["adaptive"], best["naive"]]
 
-    print(f"\n{len(x)} {args.split} images, {len(scorers['full'].classes)} classes, {args.trials} trials, adaptive prune_z {prune_z}, "
+    print(f"\n{len(x)} {args.split} images, {len(scorers['full'].classes)} classes, {args.trials} trials, adaptive prune_alpha {prune_alpha}, "
           f"torch threads {torch.get_num_threads()}, best of {args.repeat} interleaved passes per row")
     print(f"{'scorer':<10}{'images':>7}{'NFE/image':>11}{'accuracy':>10}{'wall s':>9}{'ms/image':>10}")
     for name, nfe_i, acc, dt, n in rows:

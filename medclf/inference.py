@@ -6,7 +6,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -238,6 +238,7 @@ class Scored:
     series: str | None = None  #: a DICOM series' label (see ``_series_label``); None for a file
     files: list[str] | None = None  #: a series' files (the ones read)
     slice_files: list[str] | None = None  #: the file of each slice, when each file is one slice
+    index: int | None = None  #: its item's position in the whole plan (names that agree across shards)
 
 
 def prepare(img: ImageData, pre: PreprocessConfig, path: str, with_scaling: bool = False):
@@ -269,7 +270,8 @@ def plan_inputs(inputs: list[str], notes: Callable[[str], None] | None = None) -
 
 
 def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: int = 32,
-                 explain: bool = False, run=None, notes: Callable[[str], None] | None = None) -> Iterator[Scored | ReadError]:
+                 explain: bool = False, run=None, notes: Callable[[str], None] | None = None, share=None,
+                 planned: list[Planned | ReadError] | None = None) -> Iterator[Scored | ReadError]:
     """Yield a ``Scored`` per readable file, 4-D NIfTI volume or DICOM series and a ``ReadError`` per bad file;
     never stops early.
 
@@ -277,27 +279,52 @@ def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: i
     series merged) and per other image file, and a ReadError naming each file that could not be read,
     including files a series was read without (after that series' ``Scored``). With ``run``, each
     preprocessed input is checked against it (``runs.check_compatible``). ``notes`` receives what the
-    user should know but is no failure (non-image files skipped in a folder)."""
-    for item in plan_inputs(inputs, notes):
+    user should know but is no failure (non-image files skipped in a folder).
+
+    ``share`` (a ``medclf.sharding.Share``) scores only its contiguous block of the planned items: every
+    process plans every input, so all agree on the blocks, and the shares' outputs in order are this
+    function's output for the whole. ``planned`` is the plan when the caller made it already
+    (``list(plan_inputs(...))``). Each ``Scored`` records its item's position in the plan (``index``)."""
+    items: Iterable[Planned | ReadError] = plan_inputs(inputs, notes) if planned is None else planned
+    lo = 0
+    if share is not None and not share.whole:
+        items = list(items)
+        lo, hi = share.bounds(len(items))
+        _said_before(items, lo, hi, pre, explain, run)
+        items = items[lo:hi]
+    for i, item in enumerate(items, lo):
         if isinstance(item, ReadError):
             yield item
             continue
-        if item.volumes is None:
-            yield from _score_item(item, scorer, pre, batch_size, explain, run)
-            continue
-        # one volume of a 4-D NIfTI: a reason its volumes share (a truncated file, an image too small
-        # for the run) is given once for the file, not once per volume
         for res in _score_item(item, scorer, pre, batch_size, explain, run):
-            if isinstance(res, ReadError):
+            if isinstance(res, Scored):
+                res.index = i
+            elif item.volumes is not None:
+                # one volume of a 4-D NIfTI: a reason its volumes share (a truncated file, an image too
+                # small for the run) is given once for the file, not once per volume
                 if res.message in item.volumes.reported:
                     continue
                 item.volumes.reported.add(res.message)
             yield res
 
 
+def _said_before(items: list[Planned | ReadError], lo: int, hi: int, pre: PreprocessConfig, explain: bool, run) -> None:
+    """A share that starts inside a 4-D NIfTI: the reasons the file's earlier volumes give (in an earlier
+    share) count as said, so a reason all volumes share is still said once per file over all shares.
+    Those volumes are read and checked, not scored."""
+    first = items[lo] if lo < hi else None
+    if not isinstance(first, Planned) or first.volumes is None:
+        return
+    for prev in items[:lo]:
+        if isinstance(prev, Planned) and prev.volumes is first.volumes:
+            first.volumes.reported.update(e.message for e in _score_item(prev, None, pre, 1, explain, run)
+                                          if isinstance(e, ReadError))
+
+
 def _score_item(item: Planned, scorer, pre: PreprocessConfig, batch_size: int, explain: bool,
                 run) -> Iterator[Scored | ReadError]:
-    """``score_inputs`` for one planned input: its ``Scored`` (or errors), then the files it was read without."""
+    """``score_inputs`` for one planned input: its ``Scored`` (or errors), then the files it was read without.
+    With ``scorer`` None only the errors: the input is read and checked, not scored (``_said_before``)."""
     from medclf.runs import DataSpec, check_compatible
 
     src = item.name
@@ -326,6 +353,8 @@ def _score_item(item: Planned, scorer, pre: PreprocessConfig, batch_size: int, e
     except Exception as e:  # a decoder bug on one input must not stop the rest (as in ingest)
         yield ReadError(f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:160]}", src)
         return
+    if scorer is None:
+        return
     preds = [scorer.predict(torch.from_numpy(x[i : i + batch_size]), explain=explain) for i in range(0, len(x), batch_size)]
     files = None
     if item.series is not None:
@@ -346,6 +375,7 @@ def _concat(preds: list[Prediction]) -> Prediction:
     return Prediction(probs=cat([p.probs for p in preds]), pred=cat([p.pred for p in preds]),
                       uncertainty={k: cat([p.uncertainty[k] for p in preds]) for k in preds[0].uncertainty},
                       nfe=cat([p.nfe for p in preds]), extras={k: cat([p.extras[k] for p in preds]) for k in preds[0].extras},
+                      stats={k: cat([p.stats[k] for p in preds]) for k in preds[0].stats},
                       maps=maps)
 
 
@@ -387,6 +417,7 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
             "probabilities": {c: round(float(p.probs[s, k]), 6) for k, c in enumerate(classes)},
             "uncertainty": {k: round(float(v[s]), 6) for k, v in p.uncertainty.items()},
             **{name: {c: round(float(v[s, k]), 6) for k, c in enumerate(classes)} for name, v in p.extras.items()},
+            **{name: round(float(v[s]), 6) for name, v in p.stats.items()},
             "nfe": int(p.nfe[s]),
         })
         out.append(row)
@@ -396,9 +427,13 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
 def load_scorer(model: str | Path | None, device: str = "auto", **scorer_options):
     """(run, scorer, preprocessing) from --model / $MEDCLF_MODEL."""
     from medclf.runs import load_classifier, resolve_model
-    from medclf.training.loop import resolve_device
+    from medclf.training.loop import distributed_env, resolve_device
 
     dev = resolve_device(device)
+    _, world, local_rank = distributed_env()
+    if dev.type == "cuda" and world > 1:  # torchrun: each rank on its LOCAL_RANK's GPU (shared when fewer)
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     run, method, net = load_classifier(resolve_model(model), dev)
     scorer = method.scorer(net, run.classes, run.config.get("calibration", {}), dev, **scorer_options)
     if run.config.get("resize"):  # trained at another size than its data: resize exactly as training did

@@ -433,3 +433,87 @@ def make_sample_data(root: Path, seed: int = 0) -> dict:
         "files": len(files),
         "total_bytes": sum(p.stat().st_size for p in files),
     }
+
+
+# --------------------------------------------------------------------------- subtle-lesion benchmark task
+def _head_frame(a: HeadAnatomy, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(p, q) head-frame coordinates of every pixel, as ``head_phantom_slice`` computes them."""
+    c = (np.arange(size) - (size - 1) / 2.0) / (size / 2.0)
+    v0, u0 = np.meshgrid(c - a.cy, c - a.cx, indexing="ij")
+    ct, st = np.cos(a.theta), np.sin(a.theta)
+    return ct * u0 + st * v0, -st * u0 + ct * v0
+
+
+def subtle_lesion_mask(a: HeadAnatomy, size: int, z: float, radius_mm: float, phi: float, r0: float) -> np.ndarray:
+    """Soft disc of ``radius_mm`` inside the brain at polar position (r0 of the inner axes, angle phi).
+
+    Radius in mm (the field of view is 230 mm), so the lesion covers the same anatomy at every
+    ingest ``--size``: 5 mm is ~2.8 px at 128 px and ~0.7 px at 32 px.
+    """
+    p, q = _head_frame(a, size)
+    px = size / 2.0
+    zs = float(np.sqrt(max(1.0 - 0.55 * z * z, 0.25)))
+    ai, bi = a.ax * zs - a.skull_t, a.by * zs - a.skull_t
+    cu, cv = r0 * ai * np.cos(phi), r0 * bi * np.sin(phi)
+    rad = radius_mm / (_FOV_MM / 2.0)
+    return _soft((np.hypot(p - cu, q - cv) - rad) * px)
+
+
+def make_subtle_rsna_tree(root: Path, n_patients: int = 100, slices_per_series: int = 8, size: int = 256,
+                          seed: int = 0, lesion_radius_mm: float = 5.0, lesion_contrast_hu: float = 12.0,
+                          positive_fraction: float = 0.5) -> Path:
+    """An RSNA-ICH-layout tree (``stage_2_train/`` + ``stage_2_train.csv``) whose bleeds are small and faint.
+
+    The benchmark task of issue #16: every patient carries one round intraparenchymal lesion, fixed in
+    the head, in a contiguous run of ``round(positive_fraction * slices_per_series)`` slices, so about
+    ``positive_fraction`` of all slices are positive and every split holds both classes. The lesion
+    adds ``lesion_contrast_hu`` (x U(0.8, 1.2) per patient) on top of brain texture (+-4 HU) and
+    pixel noise (4 HU sd), radius ``lesion_radius_mm`` (x U(0.8, 1.2)). Defaults (5 mm, +12 HU) are
+    invisible at 32 px and learnable at 128 px. No storage quirks, compression or corrupt file (the
+    task is the pixels; ``make_rsna_tree`` covers the format), signed int16, HU + 1024. Deterministic
+    from ``seed``: the same arguments write byte-identical files. Returns ``root``.
+    """
+    if not 0 < positive_fraction < 1:
+        raise ValueError("positive_fraction must be in (0, 1)")
+    if slices_per_series < 2:
+        raise ValueError("slices_per_series must be >= 2 (each patient has positive and negative slices)")
+    root = Path(root)
+    img_dir = root / "stage_2_train"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 41])
+    ids: list[str] = []
+    while len(ids) < n_patients * slices_per_series:
+        i = f"ID_{int(rng.integers(0, 16**9)):09x}"
+        if i not in ids and i != CORRUPT_RSNA_ID:
+            ids.append(i)
+    spacing = round(_FOV_MM / size, 6)
+    n_sl = slices_per_series
+    length = min(n_sl - 1, max(1, int(round(positive_fraction * n_sl))))
+    labels: dict[str, list[int]] = {}
+    for pat in range(n_patients):
+        prng = np.random.default_rng([seed, 42, pat])
+        anat = draw_anatomy(prng)
+        start = int(prng.integers(0, n_sl - length + 1))
+        run = range(start, start + length)
+        rad = lesion_radius_mm * prng.uniform(0.8, 1.2)
+        contrast = lesion_contrast_hu * prng.uniform(0.8, 1.2)
+        phi, r0 = prng.uniform(-np.pi, np.pi), prng.uniform(0.2, 0.6)
+        study, series = _uid(seed, "subtle-study", pat), _uid(seed, "subtle-series", pat)
+        for s in range(n_sl):
+            z = -0.5 + 1.0 * s / (n_sl - 1)  # away from the skull base, where the brain is small
+            hu = head_phantom_slice(prng, size, None, z, anatomy=anat)
+            if s in run:
+                hu = hu + contrast * subtle_lesion_mask(anat, size, z, rad, phi, r0)
+            ds = _ct_dataset(hu, variant=0, pat=pat, study_uid=study, series_uid=series,
+                             sop_uid=_uid(seed, "subtle-sop", pat, s), inst=s, two_window=False, spacing=spacing)
+            img_id = ids[pat * n_sl + s]
+            ds.save_as(img_dir / f"{img_id}.dcm", enforce_file_format=True)
+            pos = int(s in run)
+            labels[img_id] = [0, pos, 0, 0, 0, pos]  # intraparenchymal + any
+    order = [list(labels)[i] for i in rng.permutation(len(labels))]
+    with open(root / "stage_2_train.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["ID", "Label"])
+        for img_id in order:
+            w.writerows([f"{img_id}_{t}", v] for t, v in zip(RSNA_SUBTYPES, labels[img_id]))
+    return root

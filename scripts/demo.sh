@@ -29,10 +29,31 @@ print(pathlib.Path(sys.argv[2]) / it["source"])
 PY
 )
 $MEDCLF explain "$CASE" --model "$OUT/run" --out "$OUT/explain" --device cpu
-$MEDCLF classify "$CASE" --model "$OUT/run" --json --device cpu
+# classify the case's whole series (the sample keeps every series in one folder: link its readable files
+# into one) and write a DICOM SR for it
+SERIES="$OUT/series"
+.venv/bin/python - "$CASE" "$SERIES" <<'PY'
+import pathlib, sys, pydicom
+case, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+uid = pydicom.dcmread(case, stop_before_pixels=True).SeriesInstanceUID
+dst.mkdir(parents=True, exist_ok=True)
+for f in sorted(case.parent.glob("*.dcm")):
+    try:
+        ds = pydicom.dcmread(f)
+        ok = ds.SeriesInstanceUID == uid and ds.pixel_array.size > 0
+    except Exception:  # the sample's truncated file
+        continue
+    if ok and not (dst / f.name).exists():
+        (dst / f.name).symlink_to(f.resolve())
+PY
+$MEDCLF classify "$SERIES" --model "$OUT/run" --json --device cpu --dicom-sr "$OUT/sr"
+# explain the same series, its maps also as DICOM Parametric Maps (one multi-frame object per map kind)
+$MEDCLF explain "$SERIES" --model "$OUT/run" --out "$OUT/explain" --dicom "$OUT/dicom_maps" --device cpu
 echo
 echo "results:"
 echo "  cache        $OUT/cache        (manifest.json, items.jsonl, errors.jsonl)"
 echo "  model run    $OUT/run          (config.json, model.safetensors, metrics.jsonl)"
 echo "  eval report  $OUT/report       (metrics.json, roc.png, reliability.png, confusion.png)"
 echo "  explanation  $OUT/explain      (evidence/error NIfTI maps, overlay.png, summary.json)"
+echo "  DICOM SR     $OUT/sr           (one TID 1500 Structured Report for the case's series)"
+echo "  DICOM maps   $OUT/dicom_maps   (Parametric Maps of the series: series_evidence.dcm, series_error_*.dcm, ...)"

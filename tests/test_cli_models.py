@@ -154,3 +154,51 @@ def test_trained_classifier_beats_chance_on_held_out_slices(trained_run, ct32_ca
     assert m["balanced_accuracy"] >= 0.75, m
     assert m["accuracy"] > majority, (m, majority)
     assert m["auroc_macro"] >= 0.85, m
+
+
+# ------------------------------------------------ diffusion classifier: one answer, whoever asks
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "medclf", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_explain_reports_what_classify_reports(trained_run, tmp_path):
+    # explain used to force the full budget, so it printed other probabilities than classify for the
+    # same file and run; now both spend the same (adaptive) budget
+    files = _rsna_files(6)
+    opts = ["--model", trained_run, "--budget", "32", "--device", "cpu"]
+    c = _cli("classify", *files, *opts, "--json")
+    assert c.returncode == 0, c.stderr[-2000:]
+    rows = {r["input"]: r for r in map(json.loads, c.stdout.splitlines())}
+    e = _cli("explain", *files, *opts, "--out", tmp_path / "x", "--json")
+    assert e.returncode == 0, e.stderr[-2000:]
+    summaries = [json.loads(line) for line in e.stdout.splitlines()]
+    assert len(summaries) == len(files)
+    for s in summaries:
+        row = rows[str(s["source"])]
+        assert row["prediction"] == s["prediction"]
+        for k, p in row["probabilities"].items():
+            assert s["probabilities"][k] == pytest.approx(p, abs=2e-6), (s["source"], k)
+    assert any(r["nfe"] < 2 * 32 for r in rows.values()), "nothing was pruned: the test would not see a forced full budget"
+
+
+def test_table_shows_the_calibrated_uncertainty_and_json_keeps_vote_statistics(tiny_run):
+    f = _rsna_files(1)
+    c = _cli("classify", *f, "--model", tiny_run, "--budget", "8", "--device", "cpu", "--json")
+    assert c.returncode == 0, c.stderr[-2000:]
+    row = json.loads(c.stdout.splitlines()[0])
+    assert set(row["uncertainty"]) == {"entropy"}  # the calibrated uncertainty only
+    assert {"vote_entropy", "vote_margin"} <= set(row) and set(row["vote_share"]) == set(row["probabilities"])
+    c = _cli("classify", *f, "--model", tiny_run, "--budget", "8", "--device", "cpu", "--csv")
+    header = c.stdout.splitlines()[0].split(",")
+    assert "entropy" in header and "vote_entropy" in header and "vote_margin" in header
+
+
+def test_explain_guided_counterfactuals_through_the_cli(tiny_run, tmp_path):
+    f = _rsna_files(1)
+    out = tmp_path / "x"
+    p = _cli("explain", *f, "--model", tiny_run, "--budget", "4", "--device", "cpu", "--out", out,
+             "--counterfactual", "guided")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list(out.glob("*/counterfactuals.png"))) == 1
+    bad = _cli("explain", *f, "--model", tiny_run, "--out", out, "--counterfactual", "sideways")
+    assert bad.returncode == 1 and "unknown --counterfactual 'sideways'" in bad.stderr and "Traceback" not in bad.stderr

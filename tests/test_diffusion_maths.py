@@ -62,3 +62,54 @@ def test_timestep_embedding_is_cos_then_sin_and_takes_floats():
         args = t.double()[:, None] * freqs[None]
         assert e.shape == (len(t), dim) and e.dtype == torch.float32
         assert torch.allclose(e.double(), torch.cat([args.cos(), args.sin()], 1), atol=1e-5)
+
+
+# ------------------------------------------------------------------ Favero et al.'s training recipe
+def test_shifted_cosine_schedule_is_clipped_shifted_and_on_monai_grid():
+    from medclf.models.diffusion import SHIFTED_COSINE, shifted_cosine_logsnr
+
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(shifted_cosine_logsnr(t, 64), torch.tensor([15.0, 0.0, -15.0], dtype=torch.float64), atol=1e-6)
+    # larger images get more noise at the same t (the shift is 2 log(64 / size))
+    assert shifted_cosine_logsnr(torch.tensor([0.5]), 256).item() == pytest.approx(2 * math.log(64 / 256))
+    s = make_scheduler(1000, SHIFTED_COSINE, image_size=32)
+    ab = s.alphas_cumprod
+    assert len(ab) == 1000 and bool((ab[1:] <= ab[:-1]).all())
+    expect = torch.sigmoid(shifted_cosine_logsnr(torch.tensor([500 / 999]), 32)).float()
+    assert ab[500].item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_v_prediction_seen_as_eps_is_exact():
+    from medclf.methods.diffusion_classifier import EpsFromV
+    from medclf.models.diffusion import SHIFTED_COSINE
+
+    s = make_scheduler(100, SHIFTED_COSINE, image_size=8)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([3, 30, 60, 97])
+    x_t, v = add_noise(s, x0, eps, t), velocity(s, x0, eps, t)
+    oracle = lambda x, tt, y: v  # noqa: E731  (the true velocity)
+    assert torch.allclose(EpsFromV(oracle, s.alphas_cumprod)(x_t, t, torch.zeros(4, dtype=torch.long)), eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["medclf", "favero"])
+def test_both_recipes_train_and_weight_by_min_snr(recipe):
+    from medclf.methods.diffusion_classifier import DiffusionClassifier
+
+    m = DiffusionClassifier.from_options({"arch": "dit", "model_size": "tiny", "recipe": recipe, "timesteps": 100})
+    if recipe == "favero":
+        c = m.config
+        assert (c.schedule, c.prediction, c.loss_weight, c.continuous_t) == ("shifted_cosine", "v", "min_snr", True)
+    net = m.build(1, 2, 8)
+    loss = m.loss_fn(2)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(6, 1, 8, 8), "label": torch.tensor([0, 1] * 3)}
+    value = loss(net, batch, g)
+    assert torch.isfinite(value) and value.item() > 0
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    # the scorer of a v-run compares eps: its denoiser is the converting wrapper
+    sc = m.scorer(net, ["a", "b"], {}, torch.device("cpu"), trials=4)
+    assert type(sc.denoiser).__name__ == ("EpsFromV" if recipe == "favero" else "ClassConditionalDenoiser")
+    p = sc.predict(torch.rand(2, 1, 8, 8))
+    assert torch.allclose(p.probs.sum(1), torch.ones(2))

@@ -1,7 +1,7 @@
 """The import graph is a stack: a module imports only from its own layer or the layers below.
 
     base (errors, atomic, privacy, figures, version) -> io -> preprocessing / data / datasets /
-    synthetic -> models -> scoring -> methods -> runs -> training -> evaluation / inference / export -> cli
+    synthetic -> models -> scoring -> methods -> runs -> training -> evaluation / inference / export / sharding -> cli
 
 ``scoring`` sits below ``methods`` because each method builds its scorer from the shared scorers
 (one module per method); ``runs`` between ``methods`` (a run is rebuilt by its method) and
@@ -23,7 +23,7 @@ LAYERS = [
     {"methods"},
     {"runs"},
     {"training"},
-    {"evaluation", "inference", "export"},
+    {"evaluation", "inference", "export", "sharding"},
     {"cli", "__main__"},
 ]
 

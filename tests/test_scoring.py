@@ -105,7 +105,62 @@ def test_explain_maps_shapes_and_evidence_sign():
     assert p.maps["evidence"].shape == (2, 8, 8)
     assert p.maps["counterfactual"].shape == (2, 2, 1, 8, 8)
     assert (p.maps["evidence"] > 0).float().mean() > 0.9  # the runner-up explains the pixels worse
-    assert (p.nfe == 16).all()  # explanation always uses the full budget
+    plain = s.predict(_images([1, 0]))
+    assert torch.equal(p.nfe, plain.nfe) and torch.equal(p.probs, plain.probs)  # explain spends classify's budget
+
+
+def _offset_denoiser(offsets: list[float]):
+    """eps_hat = a constant a_c per class: e_kc = mean((eps_k - a_c)^2), so the raw error difference
+    between classes is a_c^2 - 2 a_c mean(eps_k): small, with per-trial noise, known in expectation."""
+    a = torch.tensor(offsets)
+    return lambda x_t, t, y: a[y].view(-1, 1, 1, 1).expand_as(x_t).clone()
+
+
+def test_pruning_tests_the_calibrated_score_so_the_prior_is_kept():
+    # raw errors favour class a by 0.04 per trial (class b's offset 0.2), but the calibrated prior
+    # favours b by more than that (T * (b_b - b_a) = 0.06): the full-budget posterior picks b, and
+    # pruning must not drop b on raw errors (it did before the test used the calibrated score)
+    ab = _ab()
+    x = torch.rand(12, 1, 16, 16)
+    # (a third class c, close to a on raw errors, keeps the image going after b is pruned)
+    kw = dict(temperature=0.01, bias=[0.0, 6.0, 0.0])
+    full = DenoisingScorer(_offset_denoiser([0.0, 0.2, 0.15]), ab, ["a", "b", "c"], ScoringConfig(trials=64, adaptive=False), **kw).predict(x)
+    ada = DenoisingScorer(_offset_denoiser([0.0, 0.2, 0.15]), ab, ["a", "b", "c"], ScoringConfig(trials=64, adaptive=True), **kw).predict(x)
+    assert (full.pred == 1).all()
+    assert torch.equal(ada.pred, full.pred)
+    assert ada.nfe.float().mean() < full.nfe.float().mean()  # and it still saves: a is pruned instead
+    # without the prior, a wins and b is the one pruned
+    none = DenoisingScorer(_offset_denoiser([0.0, 0.2, 0.15]), ab, ["a", "b", "c"], ScoringConfig(trials=64, adaptive=True)).predict(x)
+    assert (none.pred == 0).all()
+
+
+def test_pruned_class_means_are_paired_estimates_of_the_full_budget_means():
+    ab = _ab()
+    x = torch.rand(6, 1, 16, 16)
+    s = DenoisingScorer(_offset_denoiser([0.0, 0.3, 0.05]), ab, ["a", "b", "c"], ScoringConfig(trials=64, adaptive=True))
+    E = s.errors(s_x := x * 2 - 1)
+    assert torch.isnan(E).any()  # something was pruned
+    full = s.errors(s_x, adaptive=False)
+    est, true, naive = DenoisingScorer.class_means(E), full.mean(1), E.nanmean(1)
+    # what the softmax sees, each class's excess over the best: the paired estimate is closer to the
+    # full-budget excess than the pruned class's own short mean is
+    gap = lambda m: m - m.min(1, keepdim=True).values  # noqa: E731
+    assert (gap(est) - gap(true)).abs().sum() < (gap(naive) - gap(true)).abs().sum()
+    standing = ~torch.isnan(E).any(1)
+    assert torch.allclose(est[standing], naive[standing])
+
+
+def test_more_looks_do_not_raise_the_wrong_pruning_rate():
+    # a denoiser that ignores the class: any pruning is an error of the sequential test; with the
+    # looks controlled (alpha / looks per look), it stays rare however many stages there are
+    ab = _ab()
+    den = lambda x_t, t, y: torch.zeros_like(x_t)  # noqa: E731
+    torch.manual_seed(1)
+    x = torch.rand(200, 1, 4, 4)
+    for trials in (16, 256):
+        p = DenoisingScorer(den, ab, ["a", "b"], ScoringConfig(trials=trials, adaptive=True, min_trials=4)).predict(x)
+        pruned = (p.nfe < 2 * trials).float().mean().item()
+        assert pruned <= 0.05 + 0.03, (trials, pruned)
 
 
 def test_temperature_fit_recovers_scale():
@@ -120,3 +175,24 @@ def test_temperature_fit_recovers_scale():
 def test_entropy_bounds():
     assert torch.allclose(entropy(torch.tensor([[0.5, 0.5]])), torch.tensor([1.0]))
     assert entropy(torch.tensor([[1.0, 0.0]])).item() < 1e-6
+
+
+def test_guided_counterfactuals_land_on_each_class_and_use_the_null_class():
+    # the oracle knows each class's clean image (constant c - 0.5); deterministic DDIM from t = 0.5
+    # under class c must end on it, whatever class the input shows
+    ab = _ab(1000)
+    calls: list = []
+    s = DenoisingScorer(OracleDenoiser(ab, calls), ab, ["a", "b"],
+                        ScoringConfig(trials=4, adaptive=False, counterfactual="guided", guidance=1.0, cf_steps=20))
+    cf = s.guided_counterfactuals(_images([0, 1]) * 2 - 1)
+    assert cf.shape == (2, 2, 1, 8, 8)
+    for b in range(2):
+        assert torch.allclose(cf[b, 0], torch.full_like(cf[b, 0], 0.25), atol=1e-3)
+        assert torch.allclose(cf[b, 1], torch.full_like(cf[b, 1], 0.75), atol=1e-3)
+    assert 20 <= len(calls) <= 22  # one (conditional + null) forward per DDIM step for this small batch
+    # guidance pushes past the conditional answer (w > 1 extrapolates away from the null class)
+    strong = DenoisingScorer(OracleDenoiser(ab), ab, ["a", "b"],
+                             ScoringConfig(trials=4, adaptive=False, counterfactual="guided", guidance=4.5, cf_steps=20))
+    p = strong.predict(_images([0, 1]), explain=True)
+    assert p.maps["counterfactual"].shape == (2, 2, 1, 8, 8)
+    assert p.maps["counterfactual"][:, 0].max() < 0.25 + 1e-3  # class a's image is darker still than a's clean image

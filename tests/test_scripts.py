@@ -33,6 +33,11 @@ def test_reproduce_quick(task, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((out / "report" / "metrics.json").read_text())
     assert 0 <= m["accuracy"] <= 1
+    # Favero et al.'s protocol ran too (vote over the full budget: 8 trials x 2 classes in --quick), and
+    # the side-by-side table was printed
+    fav = json.loads((out / "report-favero" / "metrics.json").read_text())
+    assert fav["nfe_per_image"] == 16 and m["nfe_per_image"] <= 16
+    assert "Favero et al. (vote, full budget)" in p.stdout and "medclf default (posterior, adaptive)" in p.stdout
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     n_test = sum(manifest["counts"]["test"].values())
     assert len(list((out / "explain").glob("*/summary.json"))) == min(4, n_test) > 0

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medclf.errors import ExitCode, MedclfError
 
@@ -35,7 +36,7 @@ state = _State()
 
 
 def fail(message: str, code: int = ExitCode.ERROR) -> "NoReturn":  # noqa: F821
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise SystemExit(int(code))
 
 
@@ -96,12 +97,12 @@ def run_app(app, argv: list[str], debug_env: str | None = None) -> int:
     except MedclfError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[export]", "scan[1].dcm"
         return int(ExitCode.ERROR)
     except Exception as e:  # anything unexpected: one line unless --debug
         if debug:
             raise
-        err.print(f"[red]error:[/red] unexpected {type(e).__name__}: {e} (re-run with --debug for the traceback)",
+        err.print(f"[red]error:[/red] unexpected {type(e).__name__}: {escape(str(e))} (re-run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         return int(ExitCode.ERROR)
 
@@ -126,9 +127,10 @@ DiffusionSteps = Annotated[Optional[int], typer.Option(min=1, help="diffmic/didi
 Samples = Annotated[Optional[int], typer.Option(min=1, help="diffmic: label samples per image; didicm cl: chains.")]
 
 
-def scorer_options(budget=None, adaptive=None, decision=None, sampler=None, diffusion_steps=None, samples=None) -> dict:
+def scorer_options(budget=None, adaptive=None, decision=None, sampler=None, diffusion_steps=None, samples=None,
+                   counterfactual=None) -> dict:
     return {"trials": budget, "adaptive": adaptive, "decision": decision, "sampler": sampler,
-            "diffusion_steps": diffusion_steps, "samples": samples}
+            "diffusion_steps": diffusion_steps, "samples": samples, "counterfactual": counterfactual}
 
 
 # ------------------------------------------------------------------------------- registry choices
@@ -228,6 +230,29 @@ def bad_argument_choice(enum_cls: type[enum.Enum], option: str) -> Callable[[str
 
 
 # --------------------------------------------------------------------------- options of many commands
+#: ``--send HOST:PORT`` / ``--aet AET`` (classify --dicom-sr, explain --dicom): C-STORE the DICOM objects written
+#: (``medclf.export.send``; parse with ``send.parse_address``)
+SendTo = Annotated[Optional[str], typer.Option("--send", metavar="HOST:PORT", help="C-STORE the DICOM objects written to this PACS / DICOM node.")]
+CalledAET = Annotated[Optional[str], typer.Option("--aet", help="Called AE title of the --send peer (required with --send).")]
+
+
+def send_target(send: str | None, aet: str | None, writes: bool, option: str) -> tuple[str, int, str] | None:
+    """(host, port, called AE) of ``--send``/``--aet``, checked before any work; None without ``--send``.
+
+    ``writes``: whether ``option`` (the one that writes the DICOM objects, e.g. ``--dicom-sr DIR``) was
+    given; without it ``--send`` is refused (there would be nothing to send)."""
+    from medclf.export.send import parse_address
+
+    if send is None:
+        if aet is not None:
+            raise MedclfError("--aet is the --send peer's AE title: pass --send HOST:PORT too")
+        return None
+    if not writes:
+        raise MedclfError(f"--send sends the DICOM objects medclf writes: pass {option} too")
+    host, port = parse_address(send)
+    if not aet:
+        raise MedclfError("--send needs --aet AET (the called AE title of the peer)")
+    return host, port, aet
 ModelRun = Annotated[Optional[str], typer.Option("--model", help="Run folder or model package (MODEL.zip from `medclf export`; default: $MEDCLF_MODEL).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 
@@ -266,6 +291,19 @@ def given(ctx: typer.Context, values: dict, rename: dict | None = None) -> dict:
 SummaryJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
 
 
+class TrackerKind(str, enum.Enum):
+    """``--log`` choices (``medclf.training.tracking.TRACKERS``; listed here so --help needs no import)."""
+
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+
+
+#: finetune/pretrain ``--log``: the curve, config and checks to a tracker (rank 0); pass ``.value`` on
+TrackLog = Annotated[Optional[TrackerKind], typer.Option(
+    "--log", help="Track loss, lr, samples/s, the config and the final checks: tensorboard (RUN/tensorboard/) | mlflow "
+                  "($MLFLOW_TRACKING_URI, else a file store in RUN/mlruns). Needs the track extra of medclf.")]
+
+
 def train_options(*, steps: int, batch_size: int, lr: float, warmup_steps: int, ema_decay: float,
                   checkpoint_every: int, seed: int, device: str, amp: str, workers: int) -> dict:
     """The shared training options as ``TrainConfig`` keyword arguments (``TrainConfig(**train_options(...))``)."""
@@ -301,3 +339,82 @@ def train_progress(label: str, steps: int, show: bool, log_every: int) -> Iterat
             err.print(f"step {r['step']}/{steps}  {line(r)}", highlight=False)
 
     yield plain
+
+
+# ------------------------------------------------------------------------------ sharded inference
+NumParts = Annotated[Optional[int], typer.Option(
+    "--num-parts", min=1, show_default=False,
+    help="Score only one of K contiguous blocks of the planned inputs, in input order (with --part-id; for "
+         "schedulers without torchrun). A series is never split; a 4-D NIfTI's volumes may be. The parts' --json "
+         "outputs concatenated in part order (cat part0.jsonl part1.jsonl ...) are one process's output; each --csv "
+         "part starts with the header (merge: awk 'FNR==1 && NR>1 {next} 1' part*.csv). Under torchrun (WORLD_SIZE "
+         "> 1) each rank takes its block the same way and rank 0 prints the merged output.")]
+PartId = Annotated[Optional[int], typer.Option("--part-id", min=0, show_default=False,
+                                               help="The block this process scores, 0..K-1 (with --num-parts).")]
+
+
+def shard_share(num_parts: int | None, part_id: int | None):
+    """This process's ``medclf.sharding.Share`` (joining torchrun's group when started by it); a
+    usage error (exit 2) when only one of --num-parts/--part-id is given or the id is out of range."""
+    from medclf.sharding import process_share
+
+    if (num_parts is None) != (part_id is None):
+        raise typer.BadParameter("goes with --part-id / --num-parts: pass both (e.g. --num-parts 4 --part-id 0)",
+                                 param_hint="--num-parts" if part_id is None else "--part-id")
+    if num_parts is not None and part_id >= num_parts:
+        raise typer.BadParameter(f"{part_id} is not a part of --num-parts {num_parts} (0..{num_parts - 1})",
+                                 param_hint="--part-id")
+    return process_share(num_parts, part_id)
+
+
+class HeldOutput:
+    """Under torchrun, what this rank prints (stdout and stderr) is held from here until ``release``,
+    where rank 0 prints every rank's in rank order: the ranks' blocks are contiguous in input order,
+    so per-input lines (--json, errors, warnings) read as one process's. Elsewhere a no-op.
+
+    A rank that stops on an error (``release`` never reached) still prints what it held, then its
+    error line, at exit; torchrun then ends its peers."""
+
+    def __init__(self, share) -> None:
+        self.share = share
+        self.active = share is not None and share.distributed
+        self.released = False
+        if self.active:
+            import atexit
+            import io
+
+            self._streams = (sys.stdout, sys.stderr)
+            self.held = (io.StringIO(), io.StringIO())
+            sys.stdout, sys.stderr = self.held
+            atexit.register(self._at_exit)
+
+    def _restore(self) -> tuple[str, str]:
+        sys.stdout, sys.stderr = self._streams
+        return self.held[0].getvalue(), self.held[1].getvalue()
+
+    def _at_exit(self) -> None:
+        if self.active and not self.released:
+            self.released = True
+            text_out, text_err = self._restore()
+            sys.stdout.write(text_out)
+            sys.stderr.write(text_err)
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+    def release(self, csv_header: bool = False) -> None:
+        """Rank 0 prints every rank's held output (the others print nothing). ``csv_header``: each
+        rank's CSV starts with the header; only the first one printed is kept, as parts merge."""
+        if not self.active or self.released:
+            return
+        self.released = True
+        mine = self._restore()
+        header_seen = False
+        for text_out, text_err in self.share.merged([mine]):
+            if csv_header and text_out:
+                if header_seen:
+                    text_out = text_out.split("\n", 1)[1] if "\n" in text_out else ""
+                header_seen = True
+            sys.stdout.write(text_out)
+            sys.stderr.write(text_err)
+        sys.stdout.flush()
+        sys.stderr.flush()

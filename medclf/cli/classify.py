@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from medclf.cli._common import (Adaptive, Budget, Decision, Device, DiffusionSteps, ModelRun, Samples, Sampler, err, out,
-                                scorer_options, warn)
+from medclf.cli._common import (Adaptive, Budget, CalledAET, Decision, Device, DiffusionSteps, ModelRun, Samples, Sampler,
+                                SendTo, err, out, scorer_options, send_target, warn)
+from medclf.cli._common import HeldOutput, NumParts, PartId, shard_share
 from medclf.errors import ExitCode
 
 
@@ -19,9 +21,16 @@ def _pred_text(pred) -> str:
     return pred if isinstance(pred, str) else (";".join(pred) or "none")
 
 
+def _report_error(path: str, message: str, as_json: bool) -> None:
+    """An input's error: a JSON error line with --json, and one line on stderr."""
+    if as_json:
+        print(json.dumps({"input": path, "error": message}), flush=True)
+    err.print(f"error: {path}: {message}", highlight=False, soft_wrap=True)
+
+
 def _headline(unc: dict) -> str:
-    """The uncertainty shown in the table: vote entropy for the diffusion classifier, else entropy."""
-    for key in ("vote_entropy", "entropy"):
+    """The uncertainty shown in the table: the calibrated one (normalised entropy of the probabilities)."""
+    for key in ("entropy", *unc):
         if key in unc:
             return f"{unc[key]:.3f}"
     return ""
@@ -41,6 +50,12 @@ def classify_cmd(
     samples: Samples = None,
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    num_parts: NumParts = None,
+    part_id: PartId = None,
+    dicom_sr: Annotated[Optional[Path], typer.Option("--dicom-sr", metavar="DIR", help="Write one DICOM SR (TID 1500: class, "
+                                                  "probabilities, uncertainty) per DICOM series or image into DIR.")] = None,
+    send: SendTo = None,
+    aet: CalledAET = None,
 ) -> None:
     """Classify scans with a trained run, applying the run's recorded preprocessing.
 
@@ -49,19 +64,35 @@ def classify_cmd(
     its input: a file's path; a series by its folder (plus ``#series-<number>-<modality>-<id>`` when
     the folder holds several series), with the slice's file.
 
+    ``--dicom-sr DIR``: one Structured Report per DICOM series (the series' call as explain makes it:
+    any slice positive) or image, referencing its source images; a non-DICOM input still gets its row
+    but no SR (an error line). ``--send HOST:PORT --aet AET`` then C-STOREs the SRs written.
+
     Exit status 0 if every input was classified, 3 if some file failed (each printed on stderr, one
     line naming the file), 1 on a bad model or argument, or when there is nothing to classify.
     """
     from medclf.errors import MedclfError
+
+    target = send_target(send, aet, dicom_sr is not None, "--dicom-sr DIR")  # a bad HOST:PORT before any work (and torch)
     from medclf.inference import expand_inputs, input_warnings, load_scorer, rows, score_inputs
 
-    paths = expand_inputs(inputs)  # first: "no inputs" needs no model
+    share = shard_share(num_parts, part_id)  # --num-parts/--part-id, and torchrun's rank (joins its group)
+    paths = share.from_root(lambda: expand_inputs(inputs))  # first: "no inputs" needs no model; stdin reaches rank 0
     run, scorer, pre = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
+    sr_writer = None
+    if dicom_sr is not None:
+        from medclf.export.dicom_sr import ReportContext, SRWriter
+
+        sr_writer = SRWriter(dicom_sr, ReportContext.from_run(run, scorer))
+    sr_written: list[Path] = []
+    sr_refused: set[str] = set()  # inputs already refused (a 4-D NIfTI's volumes: one line for the file)
     classes = run.classes
     failed = 0
     writer = None
     table_rows = []
-    for res in score_inputs(paths, scorer, pre, batch_size=batch_size, run=run, notes=lambda m: warn([m])):
+    held = HeldOutput(share)  # torchrun: rank 0 prints every rank's lines, in input order
+    for res in score_inputs(paths, scorer, pre, batch_size=batch_size, run=run, share=share,
+                            notes=(lambda m: warn([m])) if share.root else None):
         if isinstance(res, MedclfError):
             failed += 1
             if as_json:
@@ -75,17 +106,24 @@ def classify_cmd(
             elif as_csv:
                 if writer is None:
                     writer = csv.writer(sys.stdout)
-                    writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"], "nfe",
-                                     "series", "file", "volume"])
+                    stat_cols = [k for k, v in r.items() if isinstance(v, float)]  # the only scalar floats: vote statistics
+                    writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"],
+                                     *stat_cols, "nfe", "series", "file", "volume"])
                 writer.writerow([r["input"], r.get("slice", ""), _pred_text(r["prediction"]), *r["probabilities"].values(),
-                                 *r["uncertainty"].values(), r["nfe"], r.get("series", ""), r.get("file", ""),
-                                 r.get("volume", "")])
+                                 *r["uncertainty"].values(), *[r[k] for k in stat_cols], r["nfe"], r.get("series", ""),
+                                 r.get("file", ""), r.get("volume", "")])
                 sys.stdout.flush()
             else:
                 table_rows.append(r)
+        if sr_writer is not None and res.source not in sr_refused:
+            try:
+                sr_written.append(sr_writer.write(res))
+            except MedclfError as e:
+                failed += 1
+                sr_refused.add(res.source)
+                _report_error(e.path or res.source, e.message, as_json)
+    table_rows = list(share.merged(table_rows))  # torchrun: every rank's rows, on rank 0
     if table_rows:
-        from pathlib import Path
-
         from rich.table import Table
 
         with_file = any("file" in r for r in table_rows)  # a series' rows: the slice's file
@@ -100,5 +138,19 @@ def classify_cmd(
             t.add_row(r["input"], *vol_cell, str(r.get("slice", "")), *file_cell, _pred_text(r["prediction"]),
                       *[f"{v:.3f}" for v in r["probabilities"].values()], _headline(r["uncertainty"]), str(r["nfe"]))
         out.print(t)
+    sr_written = [Path(f) for f in share.merged([str(f) for f in sr_written])]  # torchrun: all ranks' SRs, on rank 0
+    failed = share.failures(failed)  # torchrun: rank 0 exits with the whole batch's status, the others 0
+    held.release(csv_header=as_csv)
+    if target is not None and share.root:  # one association, from the rank that prints
+        from medclf.export.send import send_files
+
+        host, port, called = target
+        try:
+            n = send_files(sr_written, host, port, called) if sr_written else 0
+        except MedclfError as e:
+            if as_json:
+                print(json.dumps({"send": f"{host}:{port}", "error": str(e)}), flush=True)
+            raise MedclfError(f"{e} (the SRs stay in {dicom_sr})") from None
+        err.print(f"sent {n} DICOM SR(s) to {host}:{port} ({called})", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(int(ExitCode.PARTIAL))

@@ -27,6 +27,13 @@ def eval_cmd(
     corrupt: Annotated[Optional[str], typer.Option(help="Score corrupted images: noise|blur|contrast[:SEVERITY] "
                                                          "(noise std 0.1, blur sigma 1 px, contrast x0.5 by default).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass (label-diffusion methods draw "
+                                                        "their noise per batch).")] = 64,
+    num_parts: Annotated[Optional[int], typer.Option("--num-parts", min=1, show_default=False,
+                                                     help="Refused: metrics need every score at once; spread eval over "
+                                                          "processes with torchrun instead.")] = None,
+    part_id: Annotated[Optional[int], typer.Option("--part-id", min=0, show_default=False,
+                                                   help="Refused, as --num-parts.")] = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Evaluate the run's frozen encoder (no fine-tuning): "
@@ -35,21 +42,37 @@ def eval_cmd(
     baseline_encoder: Annotated[Optional[list[str]], typer.Option(help="--zero-shot: also evaluate [TIMM_NAME=]untrained|imagenet|PATH "
                                                                         "(repeatable), side by side.")] = None,
 ) -> None:
-    """Evaluate a run: accuracy, balanced accuracy, macro-F1, AUROC, ECE, Brier, confusion matrix."""
+    """Evaluate a run: accuracy, balanced accuracy, macro-F1, AUROC, ECE, Brier, confusion matrix.
+
+    Under torchrun (``torchrun --nproc-per-node N -m medclf eval ...``) the ranks score the split's
+    batches between them and rank 0 prints the metrics, the same as one process's."""
     from medclf.errors import MedclfError
     from medclf.evaluation.evaluate import cache_for, data_root, evaluate_run
     from medclf.inference import load_scorer
 
+    if num_parts is not None or part_id is not None:
+        raise typer.BadParameter("eval computes metrics (AUROC, bootstrap CIs) over the whole split, so it is not cut "
+                                 "into parts; spread it over processes with torchrun instead: torchrun --nproc-per-node "
+                                 "N -m medclf eval ...", param_hint="--num-parts" if num_parts is not None else "--part-id")
+    from medclf.cli._common import shard_share
+
+    share = shard_share(None, None)  # torchrun's rank (joins its group); one process otherwise
+    if zero_shot and share.distributed:
+        raise MedclfError("eval --zero-shot runs in one process: start it without torchrun")
     if zero_shot:
         return _zero_shot(model, dataset.value, data, split, report, protocol, baseline_encoder, bootstrap, device, as_json)
     if protocol or baseline_encoder:
         raise MedclfError("--protocol and --baseline-encoder apply to --zero-shot evaluation only")
     run, scorer, _ = load_scorer(model, device, **scorer_options(budget, adaptive, decision, sampler, diffusion_steps, samples))
-    cache = cache_for(run.config, dataset.value, data_root(dataset.value, data))
+    # rank 0 ingests a raw dataset (once, into the shared cache folder); the others read the result
+    cache = share.from_root(lambda: cache_for(run.config, dataset.value, data_root(dataset.value, data)))
     progress = None
-    if is_tty() and not as_json:
+    if is_tty() and not as_json and share.root:
         progress = lambda d, n: err.print(f"\reval: {d}/{n}", end="", highlight=False)  # noqa: E731
-    m = evaluate_run(run, scorer, cache, split, bootstrap=bootstrap, corrupt=corrupt, report=report, progress=progress)
+    m = evaluate_run(run, scorer, cache, split, bootstrap=bootstrap, corrupt=corrupt, report=report, progress=progress,
+                     batch_size=batch_size, share=share)
+    if m is None:  # torchrun, rank > 0: rank 0 prints the metrics
+        return
     if progress:
         err.print()
     if run.config.get("task") == "multilabel":

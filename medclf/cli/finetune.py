@@ -10,7 +10,7 @@ import typer
 
 from medclf.cli._common import (Amp, BatchSize, CheckpointEvery, ClassifierMethod, ClassifierSize, Device, EmaDecay,
                                 LearningRate, Resume, RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers,
-                                out, given, resume_mode, ResumeAuto, train_options, train_progress, warn)
+                                out, given, resume_mode, ResumeAuto, TrackLog, train_options, train_progress, warn)
 
 
 def finetune_cmd(
@@ -42,10 +42,12 @@ def finetune_cmd(
     resume: Resume = False,
     resume_auto: ResumeAuto = False,
     as_json: SummaryJson = False,
+    log: TrackLog = None,
 ) -> None:
     """Train a classifier (a run folder: config.json, model.safetensors, metrics.jsonl, checkpoints/).
 
-    Runs unchanged under `torchrun --nproc_per_node N` (DDP; rank 0 writes).
+    Runs unchanged under `torchrun --nproc_per_node N` (DDP; rank 0 writes); with `torchrun --max-restarts N`
+    and `--resume auto` a restarted job continues from its last checkpoint.
     """
     from medclf.methods import get_method
     from medclf.training.finetune import finetune
@@ -62,7 +64,7 @@ def finetune_cmd(
     with train_progress("finetune", steps, show=rank == 0 and not as_json, log_every=tcfg.log_every) as progress:
         summary = finetune(cache, method.value, out_dir, options, tcfg, resume=resume_mode(resume, resume_auto), init=init,
                            progress=progress, asked={**given(ctx, dict(ctx.params), {"workers": "num_workers"}), **options},
-                           image_size=image_size)
+                           image_size=image_size, log=log.value if log else None)
     if rank != 0:
         return
     from medclf.runs import start_warnings

@@ -10,7 +10,7 @@ import typer
 
 from medclf.cli._common import (Amp, CheckpointEvery, Device, DitSize, EmaDecay, LearningRate, PairedBatchSize, Resume,
                                 ResumeAuto, RunFolder, Seed, Steps, SummaryJson, WarmupSteps, Workers, given, out,
-                                resume_mode, train_options, train_progress, warn)
+                                resume_mode, TrackLog, train_options, train_progress, warn)
 
 
 def pretrain_cmd(
@@ -40,6 +40,7 @@ def pretrain_cmd(
     resume: Resume = False,
     resume_auto: ResumeAuto = False,
     as_json: SummaryJson = False,
+    log: TrackLog = None,
 ) -> None:
     """Pretrain an image encoder by denoising: a ViT's representation of the clean scan conditions a DiT.
 
@@ -59,7 +60,7 @@ def pretrain_cmd(
     rank = distributed_env()[0]
     with train_progress("pretrain", steps, show=rank == 0 and not as_json, log_every=tcfg.log_every) as progress:
         summary = pretrain(cache, out_dir, cfg, tcfg, resume=resume_mode(resume, resume_auto), progress=progress,
-                           asked=given(ctx, dict(ctx.params), {"workers": "num_workers"}))
+                           asked=given(ctx, dict(ctx.params), {"workers": "num_workers"}), log=log.value if log else None)
     if rank != 0:
         return
     from medclf.runs import start_warnings

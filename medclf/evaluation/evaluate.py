@@ -61,12 +61,18 @@ def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> C
     return cache
 
 
-def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None, transform=None) -> dict:
+def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None, transform=None,
+                share=None) -> dict | None:
     """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds.
 
     Multi-label scorers: y is (N, L) with NaN for unknown targets, pred (N, L) 0/1.
 
-    ``transform`` maps a (B, C, H, W) float batch in [0, 1] to another (e.g. a corruption)."""
+    ``transform`` maps a (B, C, H, W) float batch in [0, 1] to another (e.g. a corruption).
+
+    ``share`` (a ``medclf.sharding.Share`` under torchrun): each rank scores its block of whole
+    batches, exactly the batches one process would score (batch-dependent arithmetic and per-batch
+    noise alike), and rank 0 gets every rank's scores in order; the other ranks get None.
+    ``progress`` then counts this rank's block."""
     from medclf.data.dataset import CacheDataset
 
     multilabel = bool(getattr(scorer, "multilabel", False))
@@ -76,8 +82,9 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
     ys, probs, preds, nfe, ids = [], [], [], [], []
     unc: dict[str, list] = {}
     t0 = time.perf_counter()
-    for s in range(0, len(ds), batch_size):
-        items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
+    lo, hi = (0, len(ds)) if share is None else share.bounds(len(ds), unit=batch_size)
+    for s in range(lo, hi, batch_size):
+        items = [ds[i] for i in range(s, min(s + batch_size, hi))]
         x = torch.stack([it["image"] for it in items])
         if transform is not None:
             x = transform(to_unit_float(x)).clamp(0, 1)
@@ -90,7 +97,14 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
         for k, v in p.uncertainty.items():
             unc.setdefault(k, []).append(v.numpy())
         if progress:
-            progress(min(s + batch_size, len(ds)), len(ds))
+            progress(min(s + batch_size, hi) - lo, hi - lo)
+    if share is not None and share.distributed:
+        parts = list(share.merged([(ys, ids, probs, preds, nfe, unc)]))  # rank order = batch order
+        if not share.root:
+            return None
+        ys, ids = [y for p in parts for y in p[0]], [i for p in parts for i in p[1]]
+        probs, preds, nfe = ([a for p in parts for a in p[k]] for k in (2, 3, 4))
+        unc = {k: [a for p in parts for a in p[5].get(k, [])] for k in dict.fromkeys(k for p in parts for k in p[5])}
     return {"y": np.array(ys), "probs": np.concatenate(probs), "pred": np.concatenate(preds),
             "uncertainty": {k: np.concatenate(v) for k, v in unc.items()}, "nfe": np.concatenate(nfe), "ids": ids,
             "seconds": time.perf_counter() - t0}
@@ -111,7 +125,7 @@ def corruption_transform(spec: str | None):
 
 
 def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 1000, corrupt: str | None = None,
-                 report: str | Path | None = None, progress=None) -> dict:
+                 report: str | Path | None = None, progress=None, batch_size: int = 64, share=None) -> dict | None:
     """A run's metrics on a cache split (``medclf eval``), as one JSON-able dict.
 
     Single-label runs: ``classification_metrics`` (accuracy, balanced accuracy, macro-F1, AUROC, ECE,
@@ -122,7 +136,15 @@ def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 
     ``run``/``scorer`` come from ``medclf.inference.load_scorer``; ``corrupt`` is a
     ``corruption_transform`` spec applied to the images first; ``report`` a folder that receives
     metrics.json and the plots; ``progress(done, total)`` is called as batches are scored.
+
+    ``share`` (torchrun's ranks, ``medclf.sharding.process_share``): the ranks score the split's
+    batches between them and rank 0 computes the metrics on the gathered scores (the same as one
+    process's) and writes the report; the other ranks return None. A ``--num-parts`` share is refused:
+    metrics (AUROC, bootstrap CIs) need every score at once.
     """
+    if share is not None and share.parts > 1:
+        raise MedclfError("eval scores a whole split: metrics need every score at once; to spread eval over "
+                          "processes, run it under torchrun (torchrun --nproc-per-node N -m medclf eval ...)")
     from medclf.evaluation.metrics import classification_metrics, multilabel_metrics
     from medclf.evaluation.report import write_multilabel_report, write_report
 
@@ -131,7 +153,10 @@ def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 
     if data_classes != run.classes:
         raise MedclfError(f"the data's {'labels' if multilabel else 'classes'} {data_classes} differ from the model's "
                           f"{run.classes}", cache.path)
-    res = score_split(scorer, cache, split, progress=progress, transform=corruption_transform(corrupt))
+    res = score_split(scorer, cache, split, batch_size=batch_size, progress=progress,
+                      transform=corruption_transform(corrupt), share=share)
+    if res is None:  # torchrun, rank > 0: rank 0 holds the scores
+        return None
     about = {"split": split, "corruption": corrupt, "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
              "model": str(getattr(run, "package", None) or run.path), "nfe_per_image": float(res["nfe"].mean()), "seconds": res["seconds"]}
     title = f"{run.path.name} on {split}"

@@ -189,16 +189,20 @@ def overlay_png(path: Path, scan: np.ndarray, heat: np.ndarray, title: str, alph
 
 
 def _counterfactual_png(path: Path, scan: np.ndarray, cf: np.ndarray, classes: list[str], aspect: float, title: str) -> None:
-    """Input beside what the class-conditional denoiser makes of it under each class (first channel)."""
+    """Input beside what the class-conditional denoiser makes of it under each class (first channel),
+    and below each the difference counterfactual - input (Favero et al.'s map: what would change)."""
     n = len(classes) + 1
-    fig, axes = pyplot().subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False)
-    axes = axes[0]
+    fig, grid = pyplot().subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
+    axes, diffs = grid[0], grid[1]
     axes[0].imshow(scan, cmap="gray", vmin=0, vmax=1, aspect=aspect)
     axes[0].set_title("input", fontsize=9)
+    lim = max(float(np.abs(cf - scan[None]).max()), 1e-6)
     for k, c in enumerate(classes):
         axes[k + 1].imshow(cf[k], cmap="gray", vmin=0, vmax=1, aspect=aspect)
         axes[k + 1].set_title(f"reconstructed as {c}", fontsize=9)
-    for ax in axes:
+        diffs[k + 1].imshow(cf[k] - scan, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect=aspect)
+        diffs[k + 1].set_title(f"{c} - input", fontsize=9)
+    for ax in [*axes, *diffs]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
@@ -253,7 +257,7 @@ def _aspect(img: ImageData) -> float:
 
 def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, scan: np.ndarray, maps: dict,
                       probs: np.ndarray, pred: np.ndarray, uncertainty: dict, classes: list[str],
-                      keep_aspect: bool = True) -> dict:
+                      keep_aspect: bool = True, grids: dict | None = None) -> dict:
     """All of one input's explanation files under ``out_dir/name``; returns the summary (also summary.json).
 
     Files: evidence.nii.gz, error_<class>.nii.gz (when given), <map>.nii.gz for other (S, size, size)
@@ -261,7 +265,9 @@ def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, sc
     constant-per-slice map of the first uncertainty value, so a volume shows which slices are
     uncertain), overlay.png (see ``_shown_slice``), counterfactuals.png when given, summary.json.
     The overall prediction follows ``_overall`` ("any slice positive" for volumes). ``keep_aspect``
-    is the preprocessing's (see ``maps_to_source``).
+    is the preprocessing's (see ``maps_to_source``). ``grids``, when given, receives each NIfTI map's
+    (S, H, W) source-grid array under its ``files`` key (the exact values written, for other writers
+    such as ``export.parametric_map``).
     """
     source = Path(source)
     if not name or Path(name).name != name or name in (".", ".."):
@@ -288,6 +294,8 @@ def write_explanation(out_dir: Path, name: str, source: Path, img: ImageData, sc
     def nifti(key: str, fn: str, vol: np.ndarray) -> None:
         write_nifti_map(d / fn, vol, img, source)
         files[key] = fn
+        if grids is not None:
+            grids[key] = vol
 
     ev = maps_to_source(maps["evidence"], img, keep_aspect)
     nifti("evidence", "evidence.nii.gz", ev)

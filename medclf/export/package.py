@@ -17,6 +17,7 @@ from pathlib import Path
 from medclf import __version__
 from medclf.atomic import atomic_write
 from medclf.errors import MedclfError
+from medclf.export.onnx import scoring_note
 from medclf.io.package import check_member_name, check_package, unpack_package
 from medclf.runs import CONFIG, WEIGHTS, load_run
 
@@ -108,6 +109,10 @@ def model_card(config: dict, metrics: dict | None, name: str) -> str:
         "",
         "`medclf classify SCAN --model THIS.zip` (also `eval`, `explain`). The package holds safetensors and "
         "JSON only: nothing in it is unpickled.",
+        "",
+        "## ONNX",
+        "",
+        f"`medclf export RUN --onnx` writes the network alone as an ONNX graph. {scoring_note(config)}",
         "",
     ]
     return "\n".join(lines)

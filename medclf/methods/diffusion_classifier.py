@@ -29,22 +29,39 @@ class DiffusionClassifierConfig:
     arch: str = "unet"  #: unet (MONAI DiffusionModelUNet) | dit (timm blocks, adaLN-Zero)
     model_size: str = "small"  #: tiny | small | base
     timesteps: int = 1000  #: DDPM steps
-    schedule: str = "linear_beta"  #: MONAI noise schedule
+    schedule: str = "linear_beta"  #: MONAI noise schedule, or shifted_cosine (Favero et al.; shifted for the image size)
     cond_dropout: float = 0.15  #: share of training samples whose class is replaced by the null class
+    prediction: str = "epsilon"  #: what the network predicts: epsilon | v (Salimans & Ho; Favero et al.)
+    loss_weight: str = "none"  #: none (plain MSE) | min_snr (Hang et al.'s min-SNR-gamma weighting)
+    min_snr_gamma: float = 5.0
+    continuous_t: bool = False  #: train on t ~ U(0, 1) (needs shifted_cosine); scoring uses the T-step grid of it
+    #: favero: shifted_cosine + v + min_snr 5 + continuous t (their released recipe); medclf: the fields as set
+    recipe: str = "medclf"
     # scoring defaults (overridable at classify time)
     trials: int = 64
     decision: str = "posterior"  #: posterior | vote | mean (see medclf.scoring.denoising)
     adaptive: bool = True
-    prune_z: float = 1.8  #: see medclf.scoring.denoising.ScoringConfig
+    prune_alpha: float = 0.05  #: see medclf.scoring.denoising.ScoringConfig
     chunk: int = 64
+    #: per-pixel error pooling (medclf.scoring.denoising.pool_error_maps): mean (default) | max | top;
+    #: max/top find small lesions a whole-image mean drowns (issue #16, benchmarks/subtle.py)
+    pool: str = "mean"
+    pool_kernel: int = 3
+    pool_top: float = 0.02
+
+
+    def __post_init__(self) -> None:
+        if self.recipe == "favero":
+            self.schedule, self.prediction, self.loss_weight, self.continuous_t = "shifted_cosine", "v", "min_snr", True
 
 
 class ClassConditionalDenoiser(nn.Module):
-    """eps_hat(x_t, t, y) for y in 0..K-1, plus the null class K (unconditional)."""
+    """eps_hat(x_t, t, y) (or v_hat, by the run's ``prediction``) for y in 0..K-1, plus the null class K (unconditional)."""
 
     def __init__(self, arch: str, size: str, in_channels: int, n_classes: int, image_size: int):
         super().__init__()
         self.arch = arch
+        self.image_size = image_size  #: the shifted-cosine schedule depends on it
         if arch == "unet":
             from monai.networks.nets import DiffusionModelUNet
 
@@ -66,15 +83,45 @@ class ClassConditionalDenoiser(nn.Module):
         return self.net(x_t, t, y)
 
 
+class EpsFromV(nn.Module):
+    """A v-predicting denoiser seen as an eps-predicting one, which is what the scorer compares:
+    eps = sqrt(a_t) v + sqrt(1 - a_t) x_t (from v = sqrt(a_t) eps - sqrt(1 - a_t) x0)."""
+
+    def __init__(self, net: nn.Module, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("ab", alphas_cumprod.float().clone(), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = self.ab.to(x_t.device)[t.long()].view(-1, *[1] * (x_t.dim() - 1))
+        return a.sqrt() * self.net(x_t, t, y).float() + (1 - a).sqrt() * x_t.float()
+
+
 @register_method
 class DiffusionClassifier(Method):
     name = "diffusion-classifier"
     Config = DiffusionClassifierConfig
 
-    def _scheduler(self):
-        from medclf.models.diffusion import make_scheduler
+    def _scheduler(self, image_size: int | None = None):
+        from medclf.models.diffusion import SHIFTED_COSINE, make_scheduler
 
-        return make_scheduler(self.config.timesteps, self.config.schedule)
+        c = self.config
+        if c.schedule == SHIFTED_COSINE:
+            if image_size is None:
+                raise ValueError("the shifted-cosine schedule needs the image size")
+            return make_scheduler(c.timesteps, c.schedule, image_size=image_size)
+        return make_scheduler(c.timesteps, c.schedule)
+
+    def check_recipe(self) -> None:
+        from medclf.errors import MedclfError
+
+        c = self.config
+        if c.recipe not in ("medclf", "favero"):
+            raise MedclfError(f"unknown recipe {c.recipe!r} (medclf, favero)")
+        if c.prediction not in ("epsilon", "v") or c.loss_weight not in ("none", "min_snr"):
+            raise MedclfError(f"unknown prediction/loss_weight {c.prediction!r}/{c.loss_weight!r} (epsilon|v, none|min_snr)")
+        if c.continuous_t and c.schedule != "shifted_cosine":
+            raise MedclfError("continuous_t needs schedule=shifted_cosine (an alpha-bar defined at every t)")
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
         from medclf.errors import MedclfError
@@ -82,26 +129,51 @@ class DiffusionClassifier(Method):
         c = self.config
         if c.arch not in ("unet", "dit") or c.model_size not in UNET_SIZES:
             raise MedclfError(f"unknown --arch/--model-size {c.arch}/{c.model_size} (unet|dit, tiny|small|base)")
+        self.check_recipe()
         if image_size % (2 ** (len(UNET_SIZES[c.model_size][0]) - 1)) and c.arch == "unet":
             raise MedclfError(f"image size {image_size} must be divisible by {2 ** (len(UNET_SIZES[c.model_size][0]) - 1)} for this UNet")
         return ClassConditionalDenoiser(c.arch, c.model_size, in_channels, n_classes, image_size)
 
     def loss_fn(self, n_classes: int):
-        from medclf.models.diffusion import add_noise
+        from medclf.models.diffusion import add_noise, shifted_cosine_logsnr, velocity
 
-        sched = self._scheduler()
-        T, p_drop = self.config.timesteps, self.config.cond_dropout
+        c = self.config
+        T, p_drop = c.timesteps, c.cond_dropout
+        scheds: dict[int, object] = {}  # per image size (the shifted-cosine schedule depends on it)
 
         def loss(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
             x0 = batch["image"] * 2 - 1  # (B, C, H, W) in [-1, 1]
             y = batch["label"]
             dev = x0.device
-            t = torch.randint(0, T, (x0.shape[0],), generator=g, device=dev)
+            size = x0.shape[-1]
+            sched = scheds.get(size) or scheds.setdefault(size, self._scheduler(size))
+            if c.continuous_t:  # Favero et al.: t ~ U(0, 1), the net sees t on the T-step grid's scale
+                tc = torch.rand(x0.shape[0], generator=g, device=dev)
+                logsnr = shifted_cosine_logsnr(tc, size).float()
+                t = tc * (T - 1)
+            else:
+                t = torch.randint(0, T, (x0.shape[0],), generator=g, device=dev)
             eps = torch.randn(x0.shape, generator=g, device=dev)
             drop = torch.rand(x0.shape[0], generator=g, device=dev) < p_drop
             y = torch.where(drop, torch.full_like(y, n_classes), y)
-            x_t = add_noise(sched, x0, eps, t)
-            return nn.functional.mse_loss(model(x_t, t, y).float(), eps)
+            if c.continuous_t:
+                # hand-written: MONAI's add_noise/get_velocity index a discrete alpha-bar table by int t
+                a = torch.sigmoid(logsnr).view(-1, 1, 1, 1)
+                x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+                target = a.sqrt() * eps - (1 - a).sqrt() * x0 if c.prediction == "v" else eps
+            else:
+                x_t = add_noise(sched, x0, eps, t)
+                target = velocity(sched, x0, eps, t) if c.prediction == "v" else eps
+                if c.loss_weight != "none":
+                    ab = sched.alphas_cumprod.to(dev)[t]
+                    logsnr = (ab / (1 - ab).clamp_min(1e-12)).clamp_min(1e-12).log()
+            if c.loss_weight == "none":
+                return nn.functional.mse_loss(model(x_t, t, y).float(), target)
+            per = ((model(x_t, t, y).float() - target) ** 2).mean(dim=(1, 2, 3))
+            snr = logsnr.exp()
+            # min-SNR-gamma (Hang et al. 2023) in the weighting of each prediction target's loss
+            w = snr.clamp(max=c.min_snr_gamma) / (snr + 1 if c.prediction == "v" else snr.clamp_min(1e-12))
+            return (w * per).mean()
 
         return loss
 
@@ -113,11 +185,25 @@ class DiffusionClassifier(Method):
             from medclf.errors import MedclfError
 
             raise MedclfError(f"unknown --decision {opts['decision']!r} (posterior, vote, mean)")
+        if opts.get("counterfactual", "onestep") not in ("onestep", "guided"):
+            from medclf.errors import MedclfError
+
+            raise MedclfError(f"unknown --counterfactual {opts['counterfactual']!r} (onestep, guided)")
+        if opts.get("pool", c.pool) not in ("mean", "max", "top"):
+            from medclf.errors import MedclfError
+
+            raise MedclfError(f"unknown pool {opts.get('pool', c.pool)!r} (mean, max, top)")
         cfg = ScoringConfig(trials=opts.get("trials", c.trials), decision=opts.get("decision", c.decision),
-                            adaptive=opts.get("adaptive", c.adaptive), prune_z=opts.get("prune_z", c.prune_z),
-                            chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0))
+                            adaptive=opts.get("adaptive", c.adaptive), prune_alpha=opts.get("prune_alpha", c.prune_alpha),
+                            chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0),
+                            pool=opts.get("pool", c.pool), pool_kernel=opts.get("pool_kernel", c.pool_kernel),
+                            pool_top=opts.get("pool_top", c.pool_top),
+                            counterfactual=opts.get("counterfactual") or "onestep")
         model.eval().to(device)
-        return DenoisingScorer(model, self._scheduler(), classes, cfg,
+        sched = self._scheduler(getattr(model, "image_size", None))
+        if c.prediction == "v":  # the scorer compares eps predictions
+            model = EpsFromV(model, sched.alphas_cumprod).to(device)
+        return DenoisingScorer(model, sched, classes, cfg,
                                temperature=float(calibration.get("temperature", 1.0)), bias=calibration.get("bias"),
                                device=device)
 

@@ -28,6 +28,24 @@ if TYPE_CHECKING:
     from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 GIVEN = "medclf_given_alphas_cumprod"  #: MONAI NoiseSchedules entry: a precomputed alpha-bar tensor
+SHIFTED_COSINE = "shifted_cosine"  #: MONAI NoiseSchedules entry: Favero et al.'s shifted-cosine log-SNR schedule
+
+
+def shifted_cosine_logsnr(t: torch.Tensor, image_size: int, base: int = 64, clip: float = 15.0) -> torch.Tensor:
+    """log SNR at continuous t in [0, 1]: the cosine schedule shifted for resolution (Hoogeboom et al.'s
+    simple diffusion), -2 log tan(pi t / 2) + 2 log(base / size), clipped to [-clip, clip] as Favero
+    et al. train. MONAI has no such schedule (its cosine is Nichol & Dhariwal's, unshifted, in beta form)."""
+    import math
+
+    t = t.double().clamp(0.0, 1.0)
+    ls = -2 * torch.log(torch.tan(math.pi * t / 2).clamp_min(1e-30)) + 2 * math.log(base / image_size)
+    return ls.clamp(-clip, clip)
+
+
+def _shifted_cosine(num_train_timesteps: int, image_size: int, base: int = 64, clip: float = 15.0):
+    """The schedule on MONAI's discrete grid: step i is continuous t = i / (T - 1)."""
+    t = torch.linspace(0, 1, num_train_timesteps, dtype=torch.float64)
+    return _given(num_train_timesteps, torch.sigmoid(shifted_cosine_logsnr(t, image_size, base, clip)).float())
 
 
 def make_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", **schedule_args: object) -> DDPMScheduler:
@@ -36,6 +54,8 @@ def make_scheduler(timesteps: int = 1000, schedule: str = "linear_beta", **sched
 
     if schedule == GIVEN and GIVEN not in NoiseSchedules:
         NoiseSchedules.add_def(GIVEN, "A precomputed alpha-bar; betas and alphas derived from it")(_given)
+    if schedule == SHIFTED_COSINE and SHIFTED_COSINE not in NoiseSchedules:
+        NoiseSchedules.add_def(SHIFTED_COSINE, "Shifted-cosine log-SNR (Favero et al.), clipped")(_shifted_cosine)
     return DDPMScheduler(num_train_timesteps=timesteps, schedule=schedule, **schedule_args)
 
 
@@ -57,6 +77,19 @@ def as_scheduler(schedule: Scheduler | torch.Tensor) -> Scheduler:
 def _wide(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     dt = torch.promote_types(xs[0].dtype, torch.float32)
     return tuple(x.to(dt) for x in xs)
+
+
+def ddim_like(sched: Scheduler, inference_steps: int) -> Scheduler:
+    """MONAI's DDIM scheduler on another scheduler's alpha-bar (deterministic, eta 0), its timesteps
+    set to ``inference_steps`` evenly spaced steps over the whole schedule."""
+    from monai.networks.schedulers import DDIMScheduler, NoiseSchedules
+
+    if GIVEN not in NoiseSchedules:
+        NoiseSchedules.add_def(GIVEN, "A precomputed alpha-bar; betas and alphas derived from it")(_given)
+    ab = sched.alphas_cumprod.detach().cpu().float()
+    d = DDIMScheduler(num_train_timesteps=len(ab), schedule=GIVEN, alphas_cumprod=ab)
+    d.set_timesteps(inference_steps)
+    return d
 
 
 def add_noise(sched: Scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

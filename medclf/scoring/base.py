@@ -17,6 +17,9 @@ class Prediction:
     nfe: torch.Tensor  #: (B,) network evaluations spent per image
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  #: e.g. vote shares (B, K)
     maps: dict[str, torch.Tensor] | None = None  #: explanation maps, each (B, ..., H, W)
+    #: per-image statistics that are not the calibrated uncertainty (the diffusion classifier's
+    #: vote entropy and margin): reported as their own fields, never in place of it
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Scorer(Protocol):

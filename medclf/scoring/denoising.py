@@ -7,10 +7,19 @@ probabilities calibrated on validation data, which puts the class prior back in.
 evaluations of a batch are flattened and run in chunks, instead of one forward per pair.
 
 Adaptive budget: trials are spent in stages; after each stage a class is pruned for an image
-when its paired error excess over the best class is ``prune_z`` standard errors above zero (a
-sequential test on paired log-error differences, in the spirit of Li et al.'s top-k stages); an image stops as soon as one class
-is left. Timesteps follow a van der Corput order on an even grid, so every prefix of the trials
-covers the t range evenly (evenly spaced t is what scales best, Li et al.).
+when it is significantly worse than the best class on the score the decision ranks (a sequential
+test on paired per-trial differences, in the spirit of Li et al.'s top-k stages); an image stops as
+soon as one class is left. For the default posterior decision that score is the calibrated one,
+-(mean error)/T + b: the class prior b enters the test (as the error ratio it is worth, see
+``_prune``), so pruning cannot drop the class the calibrated full-budget decision would pick only
+because its raw error is a little higher. The
+repeated looks are controlled: each look tests at ``prune_alpha / looks`` (Bonferroni over the
+stages), so the chance of ever pruning a class that is not worse stays below ``prune_alpha``.
+A pruned class's mean error is estimated from its paired excess over a standing class
+(the standing class's mean over every trial used plus the mean difference over the trials both
+had): unbiased for the full-budget mean that calibration was fitted on, and of lower variance than
+its own short mean. Timesteps follow a van der Corput order on an even grid, so every prefix of
+the trials covers the t range evenly (evenly spaced t is what scales best, Li et al.).
 """
 
 from __future__ import annotations
@@ -36,11 +45,46 @@ class ScoringConfig:
     trials: int = 64  #: (t, eps) pairs per image at full budget
     decision: str = "posterior"  #: posterior (argmax of the calibrated probabilities) | vote (Favero et al.) | mean (Li et al.)
     adaptive: bool = True  #: spend trials in stages and prune decided classes
-    prune_z: float = 1.8  #: prune a class when its mean paired log-error excess is this many standard errors > 0 (1.8: 26% of the full NFE at full accuracy on the demo UNet, 501 trials; 2.0: 33%)
+    prune_alpha: float = 0.05  #: family-wise one-sided level of the pruning test over all looks (each look: alpha / looks)
     min_trials: int = 4  #: first stage; stages then double (4, 8, 16, ... trials), so decided images stop early
     t_range: tuple[float, float] = (0.02, 0.98)  #: fraction of the schedule covered by the t grid
     chunk: int = 64  #: network evaluations per forward pass (64 is fastest for small nets on CPU)
+    counterfactual: str = "onestep"  #: explain: onestep (x0 estimate at t = 0.5, K NFE) | guided (Favero et al.: DDIM from t = 0.5 with CFG, 2 x 50 x K NFE)
+    guidance: float = 4.5  #: classifier-free guidance scale of guided counterfactuals (Favero et al.)
+    cf_steps: int = 50  #: DDIM steps of guided counterfactuals from t = 0.5 to 0
     seed: int = 0  #: fixes the (t, eps) bank: same image, same answer
+    #: how per-pixel errors become a class's score: mean (whole image, Li et al.) | max (spatial max of the
+    #: locally averaged per-pixel excess over the across-class mean) | top (mean of its top ``pool_top``
+    #: share of pixels). A whole-image mean drowns a lesion of a few pixels in the rest of the image;
+    #: max/top look where the classes disagree most. Non-mean pools score at full budget (no pruning).
+    pool: str = "mean"
+    pool_kernel: int = 3  #: side of the local average (px) before max/top
+    pool_top: float = 0.02  #: share of pixels averaged by pool=top
+
+
+POOLS = ("mean", "max", "top")
+
+
+def pool_error_maps(maps: torch.Tensor, pool: str = "mean", kernel: int = 3, top: float = 0.02) -> torch.Tensor:
+    """(B, K) class error scores from mean per-pixel error maps (B, K, H, W); lower = the class explains x better.
+
+    ``mean`` is the whole-image mean error (the scorer's default score). ``max``/``top`` pool each
+    class's per-pixel excess over the across-class mean: the class-independent part of the error
+    (noise, edges, anatomy every class reconstructs alike) cancels, so the spatial max finds the few
+    pixels where one class fails to explain the image (a small lesion the normal class cannot make).
+    """
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r} ({', '.join(POOLS)})")
+    if pool == "mean":
+        return maps.mean(dim=(2, 3))
+    d = maps - maps.mean(1, keepdim=True)
+    if kernel > 1:
+        d = torch.nn.functional.avg_pool2d(d, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    flat = d.flatten(2)
+    if pool == "max":
+        return flat.amax(2)
+    k = max(1, int(round(top * flat.shape[2])))
+    return flat.topk(k, dim=2).values.mean(2)
 
 
 def van_der_corput(n: int) -> torch.Tensor:
@@ -132,24 +176,68 @@ class DenoisingScorer:
             prev = n
             if n >= N:
                 break
-            active = self._prune(E[:, :n], active)
+            active = self._prune(E[:, :n], active, looks=sum(1 for m in stages if m < N))
         return E
 
-    def _prune(self, E: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        n = E.shape[1]
-        mean = torch.where(active, E.nanmean(1), torch.inf)  # (B, K)
-        best = mean.argmin(1)
-        logE = E.clamp_min(1e-12).log()  # errors are heavy-tailed across t; their logs are not
-        d = logE - logE.gather(2, best.view(-1, 1, 1).expand(-1, n, 1))  # (B, n, K) paired differences
-        se = d.std(1, unbiased=True) / math.sqrt(n) + 1e-12
-        z = d.mean(1) / se
-        return active & ~(z > self.cfg.prune_z)
+    def _calibrated(self) -> bool:
+        """Whether the decision ranks calibrated scores (then the class prior enters pruning)."""
+        return self.cfg.decision == "posterior"
 
-    def decide(self, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pred, softmax probs, vote shares, nfe) from an error tensor with NaNs."""
+    def _prune(self, E: torch.Tensor, active: torch.Tensor, looks: int) -> torch.Tensor:
+        """Drop classes significantly worse than the best one on the score the decision ranks.
+
+        Active classes were evaluated on all n trials so far, so differences are paired throughout.
+        Class c is worse than the best r on the calibrated score -m/T + b when m_c > m_r + T (b_c - b_r),
+        i.e. when log(m_c / m_r) > delta_c = log(1 + T (b_c - b_r) / m_r) (zero bias, so delta 0, for
+        vote and mean). The test estimates log(m_c / m_r) by the mean paired log-error difference:
+        errors span orders of magnitude across t, so raw differences are too heavy-tailed for a
+        t-test to ever decide, while their logs are not (at the cost of testing the geometric mean
+        ratio, which equals the ratio of means when the class changes the error by the same factor
+        at every t). Tested against its standard error at the Bonferroni level alpha / looks."""
+        n = E.shape[1]
+        if n < 2:
+            return active
+        from statistics import NormalDist
+
+        calibrated = self._calibrated()
+        bias = self.bias.to(E.device) if calibrated else torch.zeros(E.shape[2], device=E.device)
+        T = self.temperature if calibrated else 1.0
+        mean = E.nanmean(1)
+        best = torch.where(active, -mean / T + bias, -torch.inf).argmax(1)
+        logE = E.clamp_min(1e-12).log()
+        d = logE - logE.gather(2, best.view(-1, 1, 1).expand(-1, n, 1))  # (B, n, K) paired log differences
+        m_best = mean.gather(1, best[:, None])  # (B, 1)
+        allowed = m_best + T * (bias[None, :] - bias[best][:, None])  # the error c may have and still win
+        delta = torch.where(allowed > 0, (allowed.clamp_min(1e-30) / m_best.clamp_min(1e-30)).log(), torch.inf)
+        excess = d.mean(1) - delta
+        se = d.std(1, unbiased=True) / math.sqrt(n)
+        z_crit = NormalDist().inv_cdf(1 - self.cfg.prune_alpha / max(looks, 1))
+        worse = (excess > z_crit * se) & (excess > 0) & (best[:, None] != torch.arange(E.shape[2], device=E.device))
+        return active & ~torch.nan_to_num(worse.float()).bool()
+
+    @staticmethod
+    def class_means(E: torch.Tensor) -> torch.Tensor:
+        """(B, K) mean error per class on the full set of trials an image used.
+
+        A standing class (evaluated on every trial used) keeps its own mean; a pruned class gets the
+        best standing class's mean plus its mean paired difference on the trials both had."""
+        evaluated = ~torch.isnan(E)
+        used = evaluated.any(2)  # (B, N)
+        standing = evaluated.sum(1) == used.sum(1, keepdim=True)
+        raw = E.nanmean(1)
+        ref = torch.where(standing, raw, torch.inf).argmin(1)  # (B,)
+        e_ref = E.gather(2, ref.view(-1, 1, 1).expand(-1, E.shape[1], 1))  # (B, N, 1)
+        return raw.gather(1, ref[:, None]) + (E - e_ref).nanmean(1)
+
+    def decide(self, E: torch.Tensor, pooled: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pred, softmax probs, vote shares, nfe) from an error tensor with NaNs.
+
+        ``pooled``: (B, K) class scores from ``pool_error_maps`` used instead of the mean errors."""
         evaluated = ~torch.isnan(E)
         nfe = evaluated.sum((1, 2))
-        mean = E.nanmean(1)  # (B, K): pruned classes keep the mean of the trials they had
+        # (B, K): pruned classes through their paired excess
+        mean = self.class_means(E) if pooled is None else pooled
         Einf = torch.where(evaluated, E, torch.inf)
         trial_done = evaluated.any(2)  # (B, N)
         winners = Einf.argmin(2)  # (B, N)
@@ -170,6 +258,9 @@ class DenoisingScorer:
 
     def mean_error_scores(self, x: torch.Tensor) -> torch.Tensor:
         """-(mean error) per class at full budget: the logits temperature scaling is fitted on."""
+        if self.cfg.pool != "mean":
+            m = self.pooled_scores(x)[1]
+            return -(m - m.min(1, keepdim=True).values)
         E = self.errors(x, adaptive=False)
         m = E.mean(1)
         return -(m - m.min(1, keepdim=True).values)
@@ -179,21 +270,39 @@ class DenoisingScorer:
         x = to_unit_float(images.to(self.device)) * 2 - 1  # the denoiser was trained on [-1, 1]
         B, K = x.shape[0], len(self.classes)
         maps = torch.zeros(B, K, *x.shape[2:], device=self.device) if explain else None
-        E = self.errors(x, adaptive=False if explain else None, maps=maps)
-        pred, probs, share, nfe = self.decide(E)
+        pooled = None
+        if self.cfg.pool != "mean":  # full budget: every class needs its whole error map
+            E, pooled, maps = self.pooled_scores(x, keep_maps=explain)
+        else:
+            # explain spends the same budget as classify: same inputs, same run, same settings, same answer
+            E = self.errors(x, maps=maps)
+        pred, probs, share, nfe = self.decide(E, pooled)
         top2 = share.topk(min(2, K), dim=1).values
         margin = top2[:, 0] - (top2[:, 1] if K > 1 else 0)
-        unc = {"entropy": entropy(probs), "vote_entropy": entropy(share), "vote_margin": 1 - margin}
-        out = Prediction(probs=probs.cpu(), pred=pred.cpu(), uncertainty={k: v.cpu() for k, v in unc.items()},
-                         nfe=nfe.cpu(), extras={"vote_share": share.cpu()})
+        # the uncertainty is the calibrated one (a 0.48 / 0.52 posterior is uncertain even when every
+        # trial voted alike); vote statistics are reported beside it
+        stats = {"vote_entropy": entropy(share), "vote_margin": 1 - margin}
+        out = Prediction(probs=probs.cpu(), pred=pred.cpu(), uncertainty={"entropy": entropy(probs).cpu()},
+                         nfe=nfe.cpu(), extras={"vote_share": share.cpu()}, stats={k: v.cpu() for k, v in stats.items()})
         if explain:
-            err_maps = maps / self.cfg.trials  # (B, K, H, W) mean per-pixel error per class
+            counts = (~torch.isnan(E)).sum(1).clamp_min(1)  # (B, K) trials each class was evaluated on
+            err_maps = maps / counts[:, :, None, None]  # (B, K, H, W) mean per-pixel error per class
             runner = torch.where(torch.arange(K, device=self.device)[None] == pred[:, None].to(self.device),
-                                 torch.inf, E.nanmean(1)).argmin(1) if K > 1 else pred
+                                 torch.inf, self.class_means(E)).argmin(1) if K > 1 else pred
             idx = torch.arange(B, device=self.device)
             evidence = err_maps[idx, runner.to(self.device)] - err_maps[idx, pred.to(self.device)]
-            out.maps = {"error": err_maps.cpu(), "evidence": evidence.cpu(), "counterfactual": self.counterfactuals(x).cpu()}
+            cf = self.guided_counterfactuals(x) if self.cfg.counterfactual == "guided" else self.counterfactuals(x)
+            out.maps = {"error": err_maps.cpu(), "evidence": evidence.cpu(), "counterfactual": cf.cpu()}
         return out
+
+    def pooled_scores(self, x: torch.Tensor, keep_maps: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(errors E (B, N, K), pooled class scores (B, K), summed error maps or None) at full budget, x in [-1, 1]."""
+        B, K = x.shape[0], len(self.classes)
+        maps = torch.zeros(B, K, *x.shape[2:], device=self.device)
+        E = self.errors(x, adaptive=False, maps=maps)
+        pooled = pool_error_maps(maps / self.cfg.trials, self.cfg.pool, self.cfg.pool_kernel, self.cfg.pool_top)
+        return E, pooled, maps if keep_maps else None
 
     @torch.no_grad()
     def counterfactuals(self, x: torch.Tensor, t_frac: float = 0.5) -> torch.Tensor:
@@ -214,3 +323,34 @@ class DenoisingScorer:
         a = self.ab[t].view(-1, 1, 1, 1)
         x0 = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
         return ((x0.clamp(-1, 1) + 1) / 2).view(B, K, *x.shape[1:])
+
+    @torch.no_grad()
+    def guided_counterfactuals(self, x: torch.Tensor, t_frac: float = 0.5) -> torch.Tensor:
+        """Favero et al.'s counterfactuals: x noised to t_frac, then denoised with deterministic DDIM
+        under each class with classifier-free guidance, eps = eps_null + w (eps_c - eps_null):
+        (B, K, C, H, W) in [0, 1]. The null class is index K (the diffusion classifier trains it by
+        dropping the label); the noise is fixed by the seed, so every class starts from the same x_t."""
+        from medclf.models.diffusion import ddim_like
+
+        B, K, C = x.shape[0], len(self.classes), self.cfg.cf_steps
+        ddim = ddim_like(self.sched, max(1, round(C / t_frac)))
+        ts = [int(t) for t in ddim.timesteps if int(t) <= t_frac * (len(self.ab) - 1)]
+        g = torch.Generator().manual_seed(self.cfg.seed + 1)
+        eps = torch.randn(x.shape[1:], generator=g).to(self.device).expand(B * K, *x.shape[1:])
+        t0 = torch.full((B * K,), ts[0], device=self.device, dtype=torch.long)
+        z = add_noise(self.sched, x.repeat_interleave(K, 0), eps, t0).float()
+        c = torch.arange(K, device=self.device).repeat(B)
+        null = torch.full_like(c, K)
+        w = self.cfg.guidance
+        for t in ts:
+            tt = torch.full((B * K,), t, device=self.device, dtype=torch.long)
+            eps_hat = torch.empty_like(z)
+            for s in range(0, B * K, max(1, self.cfg.chunk // 2)):
+                sl = slice(s, s + max(1, self.cfg.chunk // 2))
+                n = len(z[sl])
+                both = self.denoiser(torch.cat([z[sl], z[sl]]), torch.cat([tt[sl], tt[sl]]),
+                                     torch.cat([c[sl], null[sl]])).float()
+                cond, unc = both[:n], both[n:]
+                eps_hat[sl] = unc + w * (cond - unc)
+            z, _ = ddim.step(eps_hat, t, z)
+        return ((z.clamp(-1, 1) + 1) / 2).view(B, K, *x.shape[1:])

@@ -43,7 +43,8 @@ def label_subset(ds, fraction: float, seed: int):
 
 def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_options: dict, train_cfg: TrainConfig,
              resume: bool | str = False, progress: ProgressFn | None = None, calibrate: bool = True,
-             init: str | Path | None = None, asked: dict | None = None, image_size: int | None = None) -> dict:
+             init: str | Path | None = None, asked: dict | None = None, image_size: int | None = None,
+             log: str | None = None) -> dict:
     """Train ``method_name`` on the cache's train split; calibrate on its val split; write the run.
 
     With ``resume`` the run's own recorded configuration is used (``--steps`` may extend it; ``asked``,
@@ -51,6 +52,7 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
     ``init``: a ``medclf pretrain`` run whose encoder starts ``model.backbone`` (sets ``backbone``).
     ``image_size``: train at this size from a cache of another (resized on the device; recorded, and
     repeated by calibration, eval, classify and explain).
+    ``log``: ``tensorboard`` | ``mlflow`` tracking of the curve, config and calibration (``medclf.training.tracking``).
     Returns a summary (run path, steps, how the weights started, calibration, DDP rank checksums).
     """
     out = Path(out)
@@ -82,7 +84,7 @@ def finetune(cache_path: str | Path, method_name: str, out: str | Path, method_o
     record = {**data_record(cache), "task": task, "classes": classes, **({"init": init_info} if init_info else {}),
               **_resize_record(cache, saved if resume else None, image_size, init)}
     done = fit(method, train_ds, len(classes), out, record, train_cfg, resume=resume, progress=progress,
-               start=saved.get("start"), load_start=load_start, unfinished_ok=unfinished_ok)
+               start=saved.get("start"), load_start=load_start, unfinished_ok=unfinished_ok, log=log)
     result = done.result
     summary = {"run": str(out), "steps": done.train_cfg.steps, "rank": result["rank"], "world_size": result["world_size"],
                "rank_checksums": result.get("rank_checksums"), "start": done.record.get("start"),

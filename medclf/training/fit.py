@@ -19,9 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medclf import __version__
 from medclf.methods import Method, get_method
 from medclf.runs import build_from_run, load_run, open_run, resumed_record, save_weights, should_resume, write_config
-from medclf.training.loop import ProgressFn, TrainConfig, check_trainable, distributed_env, train
+from medclf.training.loop import (ProgressFn, TrainConfig, check_trainable, distributed_env, from_rank0,
+                                  init_distributed, train)
+from medclf.training.tracking import NullTracker, Tracker, make_tracker, numeric, run_params
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Fit:
     record: dict
     train_cfg: TrainConfig
     result: dict = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=NullTracker)  #: ``--log``: gets the post-training checks in ``finish``
 
     @property
     def is_writer(self) -> bool:
@@ -53,8 +57,11 @@ def resumed(out: Path, cache, kind: str, train_cfg: TrainConfig, asked: dict | N
 
 def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dict, train_cfg: TrainConfig, *,
         resume: bool, progress: ProgressFn | None = None, start: dict | None = None,
-        load_start: Callable[[nn.Module], dict] | None = None, unfinished_ok: bool = False) -> Fit:
+        load_start: Callable[[nn.Module], dict] | None = None, unfinished_ok: bool = False,
+        log: str | None = None) -> Fit:
     """Build, (start,) open, train and save a run; returns the EMA model for the caller's checks.
+
+    ``log``: ``--log tensorboard|mlflow`` (``medclf.training.tracking``; rank 0 logs, ``finish`` closes it).
 
     ``record``: the config.json entries the caller knows (data, classes, ...); ``start`` on resume is
     the recorded start; ``load_start(model)`` replaces ``method.prepare`` (``finetune --init``).
@@ -62,6 +69,7 @@ def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dic
     C, H, W = record["shape"]
     rank, world, _ = distributed_env()
     check_trainable(dataset, train_cfg, world)  # before anything is written
+    tracker = make_tracker(log, out, rank)  # so is a missing tracking package (it writes on first use)
     torch.manual_seed(train_cfg.seed)  # the random init is the seed's ("untrained" zero-shot baseline = it)
     model = method.build(C, n_classes, H)
     if not resume:
@@ -74,8 +82,13 @@ def fit(method: Method, dataset: Dataset, n_classes: int, out: Path, record: dic
     loss = method.loss_fn(n_classes)
     if record.get("resize"):
         loss = _resized_loss(loss, record["resize"]["to"])
-    result = train(model, loss, dataset, train_cfg, out, resume=resume, progress=progress)
-    done = Fit(run=out, method=method, model=model, record=record, train_cfg=train_cfg, result=result)
+    tracker.log_params({**run_params(record), "medclf_version": __version__})
+    try:
+        result = train(model, loss, dataset, train_cfg, out, resume=resume, progress=progress, tracker=tracker)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    done = Fit(run=out, method=method, model=model, record=record, train_cfg=train_cfg, result=result, tracker=tracker)
     if rank == 0:
         save_weights(out, method, result["ema"])
         model.load_state_dict(result["ema"])
@@ -97,16 +110,22 @@ def finish(done: Fit, **entries: Any) -> dict:
     record = {**done.record, **entries, "world_size": done.result["world_size"]}
     write_config(done.run, record)
     build_from_run(load_run(done.run))  # the run we just wrote must load
+    done.tracker.log_metrics(numeric(entries), done.train_cfg.steps)  # calibration / collapse check, at the last step
+    done.tracker.close()
     return record
 
 
 def resolve_resume(out: Path, resume: bool | str) -> tuple[bool, bool]:
-    """(resume?, may a config without checkpoints be replaced?) for ``resume`` = True, False or "auto"."""
+    """(resume?, may a config without checkpoints be replaced?) for ``resume`` = True, False or "auto".
+
+    Under torchrun rank 0 decides and every rank gets its answer: after a restart all ranks resume
+    (or all start) together, whatever each one would have seen of the run folder."""
     if resume not in (True, False, "auto"):
         from medclf.errors import MedclfError
 
         raise MedclfError(f"--resume {resume!r}: expected no value (resume) or 'auto'")
-    return should_resume(out, resume), resume == "auto"
+    init_distributed()
+    return from_rank0(should_resume(out, resume)), resume == "auto"
 
 
 def method_for(name: str, options: dict, kind: str) -> Method:

@@ -24,10 +24,10 @@ from medclf.training.loop import ProgressFn, TrainConfig, resolve_device
 
 def pretrain(cache_path: str | Path, out: str | Path, cfg: PretrainConfig, train_cfg: TrainConfig,
              resume: bool | str = False, progress: ProgressFn | None = None, method_name: str = "repdiff",
-             asked: dict | None = None) -> dict:
+             asked: dict | None = None, log: str | None = None) -> dict:
     """Pretrain on the cache's ``cfg.split`` images; check the result on held-out images; write the run.
 
-    ``resume``/``asked`` as in ``finetune``."""
+    ``resume``/``asked``/``log`` as in ``finetune``."""
     out = Path(out)
     cache = open_cache(cache_path)
     options = asdict(cfg)
@@ -46,7 +46,7 @@ def pretrain(cache_path: str | Path, out: str | Path, cfg: PretrainConfig, train
     record = {**data_record(cache), "classes": cache.classes}  # classes: informational, never read
     start = saved.get("start", (saved.get("encoder") or {}).get("start")) if resume else None
     done = fit(method, ds, 0, out, record, train_cfg, resume=resume, progress=progress, start=start,
-               unfinished_ok=unfinished_ok)
+               unfinished_ok=unfinished_ok, log=log)
     result = done.result
     summary = {"run": str(out), "steps": done.train_cfg.steps, "n_train": len(ds), "rank": result["rank"],
                "world_size": result["world_size"], "start": done.record.get("start"),
