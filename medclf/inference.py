@@ -393,7 +393,9 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
 
     ``input`` names the file, or the series (see ``Planned.name``); a series' rows add ``series``
     (its label), ``file`` (that slice's file, or the series' first when files hold several frames)
-    and ``n_files``; a 4-D NIfTI's rows add ``volume`` (its index on the file's 4th axis)."""
+    and ``n_files``; a 4-D NIfTI's rows add ``volume`` (its index on the file's 4th axis). Methods that
+    sample labels (DiffMIC) add ``interval``: per class [low, high], the 95% interval of the sampled
+    label values (``medclf.methods.diffmic.label_interval``)."""
     p = scored.prediction
     out = []
     n = len(p.pred)
@@ -416,7 +418,10 @@ def rows(scored: Scored, classes: list[str]) -> list[dict]:
             "prediction": pred,
             "probabilities": {c: round(float(p.probs[s, k]), 6) for k, c in enumerate(classes)},
             "uncertainty": {k: round(float(v[s]), 6) for k, v in p.uncertainty.items()},
-            **{name: {c: round(float(v[s, k]), 6) for k, c in enumerate(classes)} for name, v in p.extras.items()},
+            **{name: {c: round(float(v[s, k]), 6) for k, c in enumerate(classes)} for name, v in p.extras.items()
+               if name not in ("interval_low", "interval_high")},
+            **({"interval": {c: [round(float(p.extras["interval_low"][s, k]), 6), round(float(p.extras["interval_high"][s, k]), 6)]
+                             for k, c in enumerate(classes)}} if "interval_low" in p.extras else {}),
             **{name: round(float(v[s]), 6) for name, v in p.stats.items()},
             "nfe": int(p.nfe[s]),
         })

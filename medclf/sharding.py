@@ -123,7 +123,9 @@ class Share:
         return sum(got) if got is not None else 0
 
     def close(self) -> None:
-        """Leave the process group (torchrun), so that no rank exits while a peer still talks to it."""
+        """Leave the process group (torchrun) once the last exchange is done. Commands call it
+        themselves: left to interpreter exit (the ``atexit`` fallback), gloo's teardown aborted a rank
+        in about half the runs (SIGABRT, "terminate called without an active exception")."""
         if self.distributed:
             _close_group()
 

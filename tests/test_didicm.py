@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from medclf.errors import MedclfError
-from medclf.methods.didicm import (DiDiCM, conditional_ratios, log_linear, noise_labels, rate_matrix, sample_cl,
-                                   sample_cp, score_entropy, transition)
+from medclf.methods.didicm import (DiDiCM, conditional_ratios, is_resnet_family, log_linear, noise_labels, rate_matrix,
+                                   sample_cl, sample_cp, score_entropy, soft_targets, transition)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
@@ -111,10 +111,12 @@ def test_hard_label_objective_is_minimised_by_the_marginal_score():
         assert (post * score_entropy(s_off[None].expand(k, k), cts, r)).sum() > loss
 
 
-@pytest.mark.parametrize("mixup", [0.0, 0.4])
-def test_loss_is_seeded_by_the_generator_nonnegative_and_trains_the_trunk(mixup):
+@pytest.mark.parametrize("opts", [{"recipe": "none"}, {"recipe": "none", "mixup": 0.4}, {"recipe": "paper"},
+                                  {"recipe": "paper", "conditioning": "head"}])
+def test_loss_is_seeded_by_the_generator_nonnegative_and_trains_the_trunk(opts):
     torch.manual_seed(0)
-    method = DiDiCM.from_options({"backbone": "test_resnet", "mixup": mixup, "noise_draws": 3})
+    method = DiDiCM.from_options({"backbone": "test_resnet", "noise_draws": 3, **opts})
+    assert method.soft_targets == (opts.get("mixup", 0) > 0 or opts["recipe"] == "paper")
     model = method.build(1, 3, 16)
     torch.nn.init.normal_(model.head.out.weight, std=0.1)  # zero-initialised: let gradients reach the trunk now
     loss_fn = method.loss_fn(3)
@@ -175,9 +177,192 @@ def test_bad_options_are_refused():
         DiDiCM.from_options({"diffusion_steps": 0})
     with pytest.raises(MedclfError, match="mixup"):
         DiDiCM.from_options({"mixup": -1.0})
+    with pytest.raises(MedclfError, match="cutmix"):
+        DiDiCM.from_options({"cutmix": -1.0})
+    with pytest.raises(MedclfError, match="label_smoothing"):
+        DiDiCM.from_options({"label_smoothing": 1.0})
+    with pytest.raises(MedclfError, match="unknown recipe"):
+        DiDiCM.from_options({"recipe": "imagenet"})
+    with pytest.raises(MedclfError, match="unknown conditioning"):
+        DiDiCM.from_options({"backbone": "test_resnet", "conditioning": "film"})
+    with pytest.raises(MedclfError, match="ResNet-family"):
+        DiDiCM.from_options({"backbone": "test_vit", "conditioning": "blocks"})
     m = DiDiCM.from_options({"backbone": "test_resnet"})
     with pytest.raises(MedclfError, match="unknown --sampler"):
         m.scorer(m.build(1, 2, 16), ["a", "b"], {}, torch.device("cpu"), sampler="x")
+
+
+# ---------------------------------------------------------------- conditioning: per residual block or head only
+
+
+def _blocks_net(k: int = 3, size: int = 16):
+    torch.manual_seed(0)
+    method = DiDiCM.from_options({"backbone": "test_resnet"})
+    assert method.config.conditioning == "blocks" and method.config.noise_draws == 1
+    return method, method.build(1, k, size)
+
+
+def test_backbones_get_blocks_when_resnet_family_else_head():
+    for name in ("test_resnet", "resnet10t", "resnet18", "resnet50", "seresnet18"):
+        assert is_resnet_family(name), name
+        assert DiDiCM.from_options({"backbone": name}).config.conditioning == "blocks"
+    for name in ("test_vit", "test_convnext", "resnetv2_50", "efficientnet_b0", "not_a_model"):
+        assert not is_resnet_family(name), name
+    m = DiDiCM.from_options({"backbone": "test_vit"})
+    assert m.config.conditioning == "head" and m.config.noise_draws == 4
+    assert DiDiCM.from_options({"backbone": "test_resnet", "conditioning": "head"}).config.noise_draws == 4
+
+
+def test_block_conditioning_reaches_every_residual_block():
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    _, model = _blocks_net()
+    blocks = [b for st in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model.backbone.net, st)]
+    assert len(blocks) == len(model.block_cond) >= 4 and all(isinstance(b, (BasicBlock, Bottleneck)) for b in blocks)
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((4,), 0.5)
+    model.eval()
+    # zero-initialised projections: at the start the trunk computes what its own weights do
+    feats = model.backbone(x)
+    with torch.no_grad():
+        for bc in model.block_cond:
+            bc.cond = torch.randn(4, bc.proj.in_features)
+        assert torch.allclose(model.backbone(x), feats)
+        for bc in model.block_cond:
+            bc.cond = None
+    torch.nn.init.normal_(model.head.out.weight, std=0.1)
+    out = model(x, torch.tensor([0, 1, 2, 0]), sigma)
+    grads = torch.autograd.grad(out.square().sum(), [bc.proj.weight for bc in model.block_cond])
+    assert all(float(g.abs().sum()) > 0 for g in grads), [float(g.abs().sum()) for g in grads]
+    # with trained (non-zero) projections, the noisy label moves every block's output
+    for bc in model.block_cond:
+        torch.nn.init.normal_(bc.proj.weight, std=0.1)
+    acts: dict[int, list[torch.Tensor]] = {}
+    hooks = [b.register_forward_hook(lambda mod, a, o, i=i: acts.setdefault(i, []).append(o.detach()))
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(x, torch.zeros(4, dtype=torch.long), sigma)
+        model(x, torch.full((4,), 2, dtype=torch.long), sigma)
+    for h in hooks:
+        h.remove()
+    assert len(acts) == len(blocks)
+    assert all((a - b).abs().max() > 1e-4 for a, b in acts.values()), [float((a - b).abs().max()) for a, b in acts.values()]
+    assert all(bc.cond is None for bc in model.block_cond)  # cleared after the call: the bare trunk is unconditioned
+
+
+@pytest.mark.parametrize("conditioning", ["blocks", "head"])
+def test_trunk_passes_per_sampler_step(conditioning):
+    """head: one trunk pass per image whatever the sampler; blocks: one per network evaluation (honest NFE)."""
+    import copy
+
+    method = DiDiCM.from_options({"backbone": "test_resnet", "conditioning": conditioning})
+    model = method.build(1, 3, 16)
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda mod, a, o: calls.append(len(o)))
+    x = torch.rand(5, 1, 16, 16)
+    for opts, nfe in [({"diffusion_steps": 3}, 3), ({"sampler": "cl", "diffusion_steps": 3, "samples": 2}, 6)]:
+        calls.clear()
+        p = method.scorer(model, ["a", "b", "c"], {}, torch.device("cpu"), **opts).raw(x)
+        assert (p.nfe == nfe).all() and torch.allclose(p.probs.sum(1), torch.ones(5), atol=1e-5)
+        if conditioning == "head":
+            assert calls == [5], calls
+        else:  # every step runs the trunk on every image (CL: on every chain of every image)
+            assert sum(calls) == 5 * nfe and len(calls) == 3, calls
+    ema = copy.deepcopy(model)  # the loop's EMA is a deep copy: its hooks must be its own projections
+    if conditioning == "blocks":
+        for bc in ema.block_cond:
+            torch.nn.init.normal_(bc.proj.weight, std=0.1)
+        torch.nn.init.normal_(ema.head.out.weight, std=0.1)
+        labels, sigma = torch.tensor([0, 1, 2, 0, 1]), torch.full((5,), 0.5)
+        with torch.no_grad():
+            a = ema(x, labels, sigma)
+            b = ema(x, torch.zeros(5, dtype=torch.long), sigma)
+            assert not torch.allclose(a.masked_fill(a == 0, 1), b.masked_fill(b == 0, 1))
+            assert torch.equal(model(x, labels, sigma), torch.zeros(5, 3))  # the original is untouched (zero head)
+
+
+def test_old_run_config_without_conditioning_loads_head_only():
+    old = {"backbone": "test_resnet", "pretrained": False, "encoder_weights": None, "cond_dim": 128, "hidden": 256,
+           "head_blocks": 2, "noise_draws": 4, "mixup": 0.0, "noise_eps": 1e-3, "sampling_eps": 1e-5, "end_time": 1e-5,
+           "sampler": "cp", "diffusion_steps": 8, "samples": 10, "cp_label": "min"}
+    m = DiDiCM.from_options(old)
+    c = m.config
+    assert (c.conditioning, c.recipe, c.mixup, c.cutmix, c.label_smoothing, c.noise_draws) == ("head", "none", 0.0, 0.0, 0.0, 4)
+    assert not m.soft_targets
+    # its weights (written by the head-only network) load strictly: no per-block parameters expected
+    torch.manual_seed(0)
+    written = DiDiCM.from_options({**old, "conditioning": "head"}).build(1, 2, 16).state_dict()
+    net = m.build(1, 2, 16)
+    net.load_state_dict(written)
+    assert len(net.block_cond) == 0 and not any(k.startswith("block_cond") for k in written)
+    # a new run's recorded config round-trips as recorded; a new run with no options gets the new defaults
+    new = DiDiCM.from_options({"backbone": "test_resnet"})
+    assert DiDiCM.from_options(new.config_dict()).config == new.config
+    assert (new.config.conditioning, new.config.recipe) == ("blocks", "none") and not new.soft_targets
+    paper = DiDiCM.from_options({"backbone": "test_resnet", "recipe": "paper"}).config
+    assert (paper.mixup, paper.cutmix, paper.label_smoothing) == (0.2, 1.0, 0.1)
+    assert DiDiCM.from_options({"recipe": "paper", "cutmix": 0.0}).config.cutmix == 0.0  # a set field wins
+    assert DiDiCM.from_options({**old, "mixup": 0.3}).config.mixup == 0.3  # an old mixup run keeps its mixup
+
+
+# ---------------------------------------------------------------- CutMix, mixup, label smoothing
+
+
+def test_paper_recipe_soft_targets_sum_to_one_are_seeded_and_cutmix_pastes_boxes():
+    import numpy as np
+
+    k, n = 4, 7  # odd: timm mixes the even prefix, the last item is only smoothed
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 16, 16).contiguous()
+    paper = DiDiCM.from_options({"backbone": "test_resnet", "recipe": "paper"}).config
+    np.random.seed(5)
+    before = np.random.get_state()[1].copy()
+    lams, cut = set(), 0
+    for seed in range(12):
+        xm, p = soft_targets(x, y, k, paper, torch.Generator().manual_seed(seed))
+        assert p.shape == (n, k) and torch.allclose(p.sum(1), torch.ones(n), atol=1e-6)
+        assert (p >= 0.1 / k - 1e-7).all()  # smoothing 0.1: every class keeps at least 0.1 / K
+        assert torch.equal(x, torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 16, 16))  # not in place
+        assert torch.allclose(p[-1], torch.full((k,), 0.1 / k) + 0.9 * torch.nn.functional.one_hot(y[-1], k))
+        lam = float(p[0, 0] - 0.1 / k) / 0.9 if y[0] != y[5] else None  # item 0's partner is item 5 (reversed prefix)
+        vals = set(xm[0].unique().tolist())
+        if lam is not None:
+            lams.add(round(lam, 4))
+        if vals == {0.0, 5.0}:  # CutMix: a box of the partner pasted, pixel values unmixed
+            cut += 1
+            share = float((xm[0] == 0.0).float().mean())
+            assert abs(share - lam) < 1e-5, (share, lam)
+        xm2, p2 = soft_targets(x, y, k, paper, torch.Generator().manual_seed(seed))
+        assert torch.equal(xm, xm2) and torch.equal(p, p2)
+    assert np.array_equal(np.random.get_state()[1], before)  # numpy's global RNG untouched
+    assert 0 < cut < 12 and len(lams) > 6  # both mixup and CutMix batches, lam varies
+    smooth = DiDiCM.from_options({"backbone": "test_resnet", "recipe": "none", "label_smoothing": 0.2}).config
+    xs, ps = soft_targets(x, y, k, smooth, torch.Generator().manual_seed(0))
+    assert xs is x and torch.allclose(ps, 0.05 + 0.8 * torch.nn.functional.one_hot(y, k).float())
+
+
+@pytest.mark.parametrize("conditioning", ["blocks", "head"])
+def test_paper_recipe_loss_is_finite_and_decreases(conditioning):
+    torch.manual_seed(0)
+    method = DiDiCM.from_options({"backbone": "test_resnet", "conditioning": conditioning, "noise_draws": 2,
+                                  "recipe": "paper"})
+    assert method.soft_targets
+    model = method.build(1, 3, 16)
+    loss_fn = method.loss_fn(3)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(8, 1, 16, 16, generator=g), "label": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):  # the same draws each step (one seed): the loss of one fixed objective
+        loss = loss_fn(model, batch, torch.Generator().manual_seed(11))
+        assert torch.isfinite(loss) and loss >= 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+    if conditioning == "blocks":
+        assert all(float(bc.proj.weight.detach().abs().sum()) > 0 for bc in model.block_cond)  # the projections trained
 
 
 # ---------------------------------------------------------------- trained run: acceptance and plumbing
@@ -189,7 +374,8 @@ def didicm_run(ct32_cache, tmp_path_factory) -> Path:
     from medclf.training.loop import TrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "didicm"
-    finetune(ct32_cache, "didicm", out, {"backbone": "test_resnet", "noise_draws": 8},
+    # the defaults for a ResNet trunk: per-block conditioning, one noise draw per image, hard labels
+    finetune(ct32_cache, "didicm", out, {"backbone": "test_resnet"},
              TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup_steps=10, ema_decay=0.95, checkpoint_every=150,
                          log_every=50, seed=0))
     return out
@@ -229,6 +415,8 @@ def test_didicm_cp_beats_chance_on_held_out_slices(didicm_run, ct32_cache):
     assert np.allclose(res["probs"].sum(1), 1, atol=1e-5)
     cfg = json.loads((didicm_run / "config.json").read_text())
     assert cfg["method_config"]["sampler"] == "cp" and cfg["method_config"]["diffusion_steps"] == 8
+    assert cfg["method_config"]["conditioning"] == "blocks" and cfg["method_config"]["recipe"] == "none"
+    assert cfg["didicm"]["conditioned_blocks"] >= 4 and cfg["didicm"]["trunk_passes_per_nfe"] == 1
     cal = cfg["calibration"]
     assert cal["sampler"] == "cp" and set(cal["by_sampler"]) == {"cp", "cl"} and cal["temperature"] > 0
 

@@ -209,7 +209,7 @@ def test_torchrun_classify_prints_one_process_output_and_fails_for_any_rank(tiny
     one = _one(*args, check_rc=3)
     two = _torchrun(*args)
     assert two.stdout == one.stdout, two.stderr[-3000:]
-    # the bad file is rank 1's (items 5..9 of 10); rank 0 reports it, once, and every rank exits 3
+    # the bad file is rank 1's (items 5..9 of 10): rank 0 reports it, once, and exits 3 (torchrun then 1)
     assert two.stderr.count(f"error: {batch['bad']}: truncated pixel data") == 1, two.stderr[-3000:]
     assert two.returncode != 0 and "exitcode: 3" in two.stderr.replace("exitcode  :", "exitcode:")
     assert not [line for line in two.stderr.splitlines() if line.lstrip().startswith('File "') and "/medclf/" in line]

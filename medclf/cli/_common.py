@@ -301,7 +301,7 @@ class TrackerKind(str, enum.Enum):
 #: finetune/pretrain ``--log``: the curve, config and checks to a tracker (rank 0); pass ``.value`` on
 TrackLog = Annotated[Optional[TrackerKind], typer.Option(
     "--log", help="Track loss, lr, samples/s, the config and the final checks: tensorboard (RUN/tensorboard/) | mlflow "
-                  "($MLFLOW_TRACKING_URI, else a file store in RUN/mlruns). Needs the track extra of medclf.")]
+                  "($MLFLOW_TRACKING_URI, else a file store in RUN/mlruns). Needs medclf\\[track] (pip install 'medclf\\[track]').")]
 
 
 def train_options(*, steps: int, batch_size: int, lr: float, warmup_steps: int, ema_decay: float,

@@ -141,6 +141,7 @@ def classify_cmd(
     sr_written = [Path(f) for f in share.merged([str(f) for f in sr_written])]  # torchrun: all ranks' SRs, on rank 0
     failed = share.failures(failed)  # torchrun: rank 0 exits with the whole batch's status, the others 0
     held.release(csv_header=as_csv)
+    share.close()  # leave torchrun's group now: at interpreter exit gloo may abort the process
     if target is not None and share.root:  # one association, from the rank that prints
         from medclf.export.send import send_files
 

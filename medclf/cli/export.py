@@ -18,7 +18,7 @@ def export_cmd(
     report: Annotated[Optional[Path], typer.Option(help="Folder of `medclf eval --report` whose metrics.json goes "
                                                         "into the model card (default: the run's metrics.json, if any).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export the run's network as ONNX (plus OUT.json: inputs, "
-                                                      "outputs, what stays in medclf); needs medclf[export].")] = False,
+                                                      "outputs, what stays in medclf); needs medclf\\[export].")] = False,
 ) -> None:
     """Package a run as one file (safetensors weights, config.json, a model card README.md), or its network as ONNX.
 

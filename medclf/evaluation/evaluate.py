@@ -63,7 +63,8 @@ def cache_for(run_config: dict, dataset: str, path: Path, workers: int = 0) -> C
 
 def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, progress=None, transform=None,
                 share=None) -> dict | None:
-    """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds.
+    """Scores of every labelled item of a split: y, probs, pred, uncertainty, nfe, ids, seconds, and
+    ``intervals`` ({"low", "high"}, each (N, K)) when the scorer gives per-class label intervals (DiffMIC).
 
     Multi-label scorers: y is (N, L) with NaN for unknown targets, pred (N, L) 0/1.
 
@@ -81,6 +82,7 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
         raise MedclfError(f"split {split!r} has no labelled items", cache.path)
     ys, probs, preds, nfe, ids = [], [], [], [], []
     unc: dict[str, list] = {}
+    ivl: dict[str, list] = {}  # per-class label intervals, from samplers that give them
     t0 = time.perf_counter()
     lo, hi = (0, len(ds)) if share is None else share.bounds(len(ds), unit=batch_size)
     for s in range(lo, hi, batch_size):
@@ -96,18 +98,25 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
         nfe.append(p.nfe.numpy())
         for k, v in p.uncertainty.items():
             unc.setdefault(k, []).append(v.numpy())
+        for k in ("low", "high"):
+            if f"interval_{k}" in p.extras:
+                ivl.setdefault(k, []).append(p.extras[f"interval_{k}"].numpy())
         if progress:
             progress(min(s + batch_size, hi) - lo, hi - lo)
     if share is not None and share.distributed:
-        parts = list(share.merged([(ys, ids, probs, preds, nfe, unc)]))  # rank order = batch order
+        parts = list(share.merged([(ys, ids, probs, preds, nfe, unc, ivl)]))  # rank order = batch order
         if not share.root:
             return None
         ys, ids = [y for p in parts for y in p[0]], [i for p in parts for i in p[1]]
         probs, preds, nfe = ([a for p in parts for a in p[k]] for k in (2, 3, 4))
         unc = {k: [a for p in parts for a in p[5].get(k, [])] for k in dict.fromkeys(k for p in parts for k in p[5])}
-    return {"y": np.array(ys), "probs": np.concatenate(probs), "pred": np.concatenate(preds),
-            "uncertainty": {k: np.concatenate(v) for k, v in unc.items()}, "nfe": np.concatenate(nfe), "ids": ids,
-            "seconds": time.perf_counter() - t0}
+        ivl = {k: [a for p in parts for a in p[6].get(k, [])] for k in dict.fromkeys(k for p in parts for k in p[6])}
+    out = {"y": np.array(ys), "probs": np.concatenate(probs), "pred": np.concatenate(preds),
+           "uncertainty": {k: np.concatenate(v) for k, v in unc.items()}, "nfe": np.concatenate(nfe), "ids": ids,
+           "seconds": time.perf_counter() - t0}
+    if set(ivl) == {"low", "high"}:
+        out["intervals"] = {k: np.concatenate(v) for k, v in ivl.items()}
+    return out
 
 
 def corruption_transform(spec: str | None):
@@ -170,6 +179,13 @@ def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 
     m.update(about)
     m["images_per_s"] = len(res["y"]) / max(res["seconds"], 1e-9)
     m["warnings"] = calibration_warnings(run.config) + m["warnings"]
+    if "intervals" in res:  # label samplers (DiffMIC): CARD's PICP of the per-class 95% label intervals
+        from medclf.evaluation.metrics import picp
+
+        samples = getattr(scorer, "samples", None)
+        m["intervals"] = picp(res["y"], res["intervals"]["low"], res["intervals"]["high"], run.classes, samples=samples)
+        m["picp"] = m["intervals"]["picp"]
+        m["warnings"] += m["intervals"]["warnings"]
     if report:
         write_report(report, m, res["y"], res["probs"], run.classes, title=title)
     return m

@@ -143,7 +143,10 @@ def network_graph(run: Run, method, model: nn.Module) -> Graph:
             Tensor("x_t", "float32", ["batch", C, H, W], "noised image sqrt(a_t) x0 + sqrt(1 - a_t) eps, x0 = 2 image - 1"),
             Tensor("t", "int64", ["batch"], f"DDPM timestep in 0..{T - 1}"),
             Tensor("class", "int64", ["batch"], f"class index in 0..{K - 1}, or {K} for the null class"),
-        ], [Tensor("eps", "float32", ["batch", C, H, W], "predicted noise")],
+        ], [Tensor("v", "float32", ["batch", C, H, W], "predicted velocity sqrt(a_t) eps - sqrt(1 - a_t) x0 (the run's "
+                   "v-prediction recipe; eps = sqrt(a_t) v + sqrt(1 - a_t) x_t)")
+            if getattr(method.config, "prediction", "epsilon") == "v"
+            else Tensor("eps", "float32", ["batch", C, H, W], "predicted noise")],
             lambda n, g: (torch.randn(n, C, H, W, generator=g), torch.randint(0, T, (n,), generator=g),
                           torch.randint(0, K + 1, (n,), generator=g)))
     if name == "baseline":

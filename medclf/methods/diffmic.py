@@ -11,7 +11,17 @@ and a denoiser (image features x timestep-gated embedding of [y_t, y_hat]) predi
 ||eps - eps_hat||^2 + mmd_weight [MMD(eps, eps_hat | y_global) + MMD(eps, eps_hat | y_local)]
 + ce_weight CE(DCG). Inference: ``samples`` deterministic DDIM chains of ``diffusion_steps`` steps
 from y_T ~ N(y_hat, I) over the respaced 1,000-step schedule; their mean is the prediction, their
-spread the uncertainty, the DCG's class-activation map the explanation.
+spread the uncertainty, their per-class 2.5-97.5 percentiles a 95% label interval (CARD's PICP
+range), the DCG's class-activation map the explanation.
+
+Arrangement (as DiffMIC's ``diffusion_trainer.py`` and configs): the DCG is its own network
+(``dcg="separate"``), trained alone with cross-entropy on the fused logits first
+(``dcg_warmup_steps``; the release pretrains 15 epochs, CE on the fused logits only, its per-branch
+CE commented out), then the priors come from the DCG in eval mode while the denoiser trains, and
+the DCG keeps learning from its own CE in a train-mode pass (``joint_train: True`` in the released
+configs; ``dcg_after_warmup="frozen"`` fixes it instead). medclf's earlier arrangement (one trunk
+for DCG and denoiser, both from step 0, per-branch CE 0.5) is ``dcg="shared", dcg_warmup_steps=0,
+branch_ce_weight=0.5``, and runs recorded before these options load with it.
 
 Read against scott-yjyang/DiffMIC (``model.py``, ``diffusion_utils.py``, ``pretraining/``) and
 XzwHan/CARD; written afresh. Where medclf departs from the released code, the docstring says why.
@@ -37,7 +47,8 @@ from medclf.scoring.label import LabelOutput, LabelScorer, calibrate_label_score
 class DiffMICConfig(BackboneConfig):
     """DiffMIC options; ``backbone`` is the denoiser's image encoder (the paper: ResNet-18)."""
 
-    dcg_backbone: str | None = None  #: DCG's own global/local CNNs (the paper: a separate ResNet-50); None: share ``backbone``
+    dcg: str = "separate"  #: "separate": the DCG has its own trunk (the paper); "shared": one trunk for DCG and denoiser
+    dcg_backbone: str | None = None  #: the separate DCG's CNNs (the paper: ResNet-50); None: the ``backbone`` architecture
     cam_stride: int = 0  #: output stride of the CAM's CNN (timm CNNs that take it); 0 = auto, see ``auto_cam_stride``
     top_percent: float = 1.0  #: share of CAM cells averaged into y_global (DiffMIC's released setting: 1.0)
     n_crops: int = 6  #: K ROI crops for the local prior (the paper: 6)
@@ -49,12 +60,53 @@ class DiffMICConfig(BackboneConfig):
     beta_end: float = 0.02
     mmd_weight: float = 0.5  #: lambda of the dual-granularity MMD terms (the paper: 0.5)
     ce_weight: float = 1.0  #: weight of the DCG's cross-entropy on the fused prior
-    branch_ce_weight: float = 0.5  #: extra CE on y_global and y_local each (each is a prior of its own in the MMD terms)
-    dcg_warmup_steps: int = 0  #: first steps train the DCG's cross-entropy only (DiffMIC pretrains the DCG first); 0 = joint from step 0
+    branch_ce_weight: float = 0.0  #: extra CE on y_global and y_local each (DiffMIC's release: none; medclf's old default 0.5)
+    dcg_warmup_steps: int = 100  #: first steps train the DCG's cross-entropy alone (DiffMIC pretrains it: 15 epochs); 0 = none
+    #: after the warm-up: "joint" (priors from the DCG in eval mode; the DCG keeps learning from its cross-entropy
+    #: alone in a train-mode pass: DiffMIC's released configs, ``joint_train: True``), "frozen" (eval mode, weights
+    #: fixed: CARD's pretrained-guidance path), "train" (one train-mode pass gives priors and CE: medclf's old
+    #: arrangement); None: "joint" for a separate DCG, "train" for a shared trunk (the only one that applies)
+    dcg_after_warmup: str | None = None
     # scoring defaults (``classify --samples/--diffusion-steps`` override them)
     samples: int = 16  #: label chains per image (CARD draws ~100 on GPU; 16 keeps CPU scoring quick)
     diffusion_steps: int = 10  #: DDIM steps over the respaced schedule (DiffMICv2: 10)
     clip_label: bool = True  #: clip each step's y_0 estimate to [0, 1] (DDIM clip_sample; CARD: off)
+
+    def __post_init__(self) -> None:
+        """Check the arrangement and resolve ``dcg_after_warmup`` so the run records what it trained with."""
+        if self.dcg not in ("separate", "shared"):
+            raise MedclfError(f"--set dcg={self.dcg!r}: expected separate or shared")
+        if self.dcg_after_warmup is None:
+            self.dcg_after_warmup = "joint" if self.dcg == "separate" else "train"
+        if self.dcg_after_warmup not in AFTER_WARMUP:
+            raise MedclfError(f"--set dcg_after_warmup={self.dcg_after_warmup!r}: expected one of {', '.join(AFTER_WARMUP)}")
+        if self.dcg == "shared" and self.dcg_after_warmup != "train":
+            raise MedclfError(f"--set dcg_after_warmup={self.dcg_after_warmup}: with dcg=shared the DCG's trunk is the "
+                              "denoiser's encoder, which the noise loss must train; use dcg=separate")
+        if self.dcg == "shared" and self.dcg_backbone:
+            raise MedclfError("--set dcg_backbone names a separate DCG trunk: it needs dcg=separate")
+        if self.dcg_warmup_steps < 0:
+            raise MedclfError(f"--set dcg_warmup_steps={self.dcg_warmup_steps}: must be >= 0")
+
+
+#: what the DCG does after its warm-up (``DiffMICConfig.dcg_after_warmup``)
+AFTER_WARMUP = ("joint", "frozen", "train")
+#: fields every DiffMIC run recorded before ``dcg`` existed (config.json holds the whole config), so a
+#: recorded config lacking ``dcg`` is told from CLI options, which never carry all of them
+_RECORDED_BEFORE_DCG = frozenset({"dcg_backbone", "branch_ce_weight", "samples", "diffusion_steps", "clip_label",
+                                  "n_crops", "mmd_weight"})
+#: 2.5-97.5 percentiles of the sampled label vectors: CARD's/DiffMIC's ``PICP_range``
+INTERVAL_PERCENTILES = (2.5, 97.5)
+
+
+def legacy_options(options: dict) -> dict:
+    """A run recorded before ``dcg``/``dcg_after_warmup`` keeps its arrangement: the shared trunk unless
+    it named a ``dcg_backbone``, a train-mode DCG throughout, and its recorded warm-up and branch CE
+    (0 and 0.5 where even those are missing). Other options pass through unchanged."""
+    if "dcg" in options or not _RECORDED_BEFORE_DCG <= set(options):
+        return dict(options)
+    return {"dcg_warmup_steps": 0, "branch_ce_weight": 0.5, **options,
+            "dcg": "separate" if options.get("dcg_backbone") else "shared", "dcg_after_warmup": "train"}
 
 
 # ----------------------------------------------------------------------------- diffusion maths
@@ -307,11 +359,11 @@ class DenoiserHead(nn.Module):
 class DiffMICNet(nn.Module):
     """The DCG, the denoiser's image encoder (``backbone``) and its head; ``forward`` is the training pass.
 
-    By default (``dcg_backbone=None``) the DCG's global CNN *is* ``backbone``: one pass of the trunk
-    gives both the CAM (unpooled map) and the denoiser's image features (its mean). DiffMIC keeps
-    two trunks (a ResNet-50 DCG, a ResNet-18 denoiser encoder); sharing halves the cost, which is
-    what makes CPU training practical, and gives the denoiser the features the DCG's cross-entropy
-    makes discriminative. ``--set dcg_backbone=NAME`` restores the paper's separate trunk.
+    ``dcg="separate"`` (default, the paper): the DCG reads the image with its own CNN (``dcg_net``,
+    ``dcg_backbone`` or the ``backbone`` architecture) and the denoiser with ``backbone``, so the noise
+    and MMD losses never reach the guidance. ``dcg="shared"`` (medclf's earlier default): the DCG's
+    global CNN *is* ``backbone``; one trunk pass gives the CAM (unpooled map) and the denoiser's
+    features (its mean), half the cost, and the noise loss trains the trunk the DCG reads.
     """
 
     def __init__(self, c: DiffMICConfig, in_chans: int, n_classes: int, image_size: int):
@@ -324,30 +376,53 @@ class DiffMICNet(nn.Module):
         if c.n_crops < 1 or not 0 < c.top_percent <= 1:
             raise MedclfError("n_crops must be >= 1 and top_percent in (0, 1]")
         self.n_classes, self.timesteps = n_classes, c.timesteps
-        if c.dcg_backbone:
+        dcg_name = c.dcg_backbone or c.backbone
+        if c.dcg == "separate":
             self.backbone = create_encoder(c.backbone, in_chans, image_size)
-            self.dcg_net = _cam_encoder(c.dcg_backbone, in_chans, image_size, c.cam_stride)
+            self.dcg_net = _cam_encoder(dcg_name, in_chans, image_size, c.cam_stride)
         else:
             self.backbone = _cam_encoder(c.backbone, in_chans, image_size, c.cam_stride)
             self.dcg_net = None
         cam_net = self.dcg_net or self.backbone
-        self.dcg = DCG(c.dcg_backbone or c.backbone, in_chans, n_classes, cam_net.num_features, c.n_crops, crop,
+        self.dcg = DCG(dcg_name, in_chans, n_classes, cam_net.num_features, c.n_crops, crop,
                        c.top_percent, c.attention_dim)
         self.head = DenoiserHead(self.backbone.num_features, n_classes, c.feature_dim)
         self.register_buffer("alphas_cumprod", alphas_cumprod(c.timesteps, c.beta_start, c.beta_end), persistent=False)
 
-    def forward(self, x: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+    def guidance_modules(self) -> list[nn.Module]:
+        """The separate DCG's modules (its CNN + the DCG heads and local CNN); empty when the trunk is shared."""
+        return [] if self.dcg_net is None else [self.dcg_net, self.dcg]
+
+    def _dcg_train_mode(self, on: bool) -> None:
+        for m in self.guidance_modules():
+            m.train(on)
+
+    def forward(self, x: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                phase: str = "train") -> dict[str, torch.Tensor]:
         """One training pass: eps_hat under the fused, global and local priors (one batch of 3B) + DCG logits.
 
         The priors enter the diffusion terms detached, so the noise and MMD losses never move them
-        through y_hat. With the default shared trunk (``dcg_backbone=None``) the denoiser's image
-        features come from that same trunk undetached, so those losses do train it; DiffMIC's DCG is a
-        separate network trained on cross-entropy only (``--set dcg_backbone=NAME`` gives that).
-        By default there is no DCG warm-up (``dcg_warmup_steps`` adds one): DCG and denoiser train jointly from step 0, and the
-        priors are computed with the trunk in training mode (batch statistics), as the rest of the pass.
+        through y_hat. ``phase`` (a separate DCG only; the loss picks it from the step):
+        "train"/"warmup": one pass with the DCG in training mode gives priors (batch statistics) and
+        logits; "frozen": the DCG in eval mode under no_grad (weights and BN statistics untouched; the
+        returned logits carry no gradient); "joint": priors from that eval-mode pass and logits from a
+        second, train-mode pass for the cross-entropy, as DiffMIC's trainer (``cond_pred_model.eval()``
+        for the priors, then ``nonlinear_guidance_model_train_step``).
         """
-        d, feats = self.guidance(x)
-        priors = [torch.softmax(d[k].float(), 1).detach() for k in ("logits", "global_logits", "local_logits")]
+        if phase in ("frozen", "joint") and self.dcg_net is not None:
+            self._dcg_train_mode(False)
+            with torch.no_grad():
+                d = self.dcg(x, self.dcg_net.feature_map(x))
+            priors_from = d
+            if phase == "joint":
+                self._dcg_train_mode(True)
+                d = self.dcg(x, self.dcg_net.feature_map(x))
+            feats = self.backbone(x)
+        else:
+            self._dcg_train_mode(self.training)
+            d, feats = self.guidance(x)
+            priors_from = d
+        priors = [torch.softmax(priors_from[k].float(), 1).detach() for k in ("logits", "global_logits", "local_logits")]
         a = self.alphas_cumprod[t][:, None]
         y_t = torch.cat([card_q_sample(y0, p, a, eps) for p in priors])
         hx = self.head.encode(feats).repeat(3, 1)
@@ -357,7 +432,7 @@ class DiffMICNet(nn.Module):
                 "global_logits": d["global_logits"], "local_logits": d["local_logits"]}
 
     def guidance(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(DCG outputs, the denoiser's pooled image features), reading x with the shared trunk once."""
+        """(DCG outputs, the denoiser's pooled image features); a shared trunk reads x once."""
         if self.dcg_net is None:
             fmap = self.backbone.feature_map(x)
             return self.dcg(x, fmap), fmap.float().mean((2, 3))
@@ -385,25 +460,45 @@ class DiffMICNet(nn.Module):
 # ----------------------------------------------------------------------------- method
 
 
+def label_interval(y0: torch.Tensor, percentiles: tuple[float, float] = INTERVAL_PERCENTILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, K) sampled label vectors -> per-class (low, high), each (B, K): percentiles across the S samples.
+
+    CARD's prediction interval (``PICP_range: [2.5, 97.5]``, numpy's linear interpolation, which
+    ``torch.quantile`` shares), taken on the label vectors themselves, where the one-hot truth lives
+    (a softmax of each sample would never reach 0 or 1). With S < 40 samples the 2.5th percentile
+    interpolates between the two lowest samples: the interval is about the samples' min-max.
+    """
+    q = torch.tensor([percentiles[0] / 100, percentiles[1] / 100], dtype=torch.float32, device=y0.device)
+    lo, hi = torch.quantile(y0.float(), q, dim=1)
+    return lo, hi
+
+
 def label_scores(y0: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, S, K) sampled label vectors -> probs, uncertainty and vote shares.
+    """(B, S, K) sampled label vectors -> probs, uncertainty, vote shares and 95% label intervals.
 
     probs = softmax of the sample mean (DiffMIC applies softmax to the final label vector; taking it
     of the mean makes the calibrated temperature a temperature on the label vector itself:
     softmax(mean / T + b)). spread = mean over classes of the std across samples (CARD's spread of
     y_0; 0 when every chain agrees); disagreement = share of samples whose argmax is not the
-    majority class.
+    majority class; interval_low/high = ``label_interval``.
     """
     mean = y0.mean(1)
     votes = F.one_hot(y0.argmax(2), y0.shape[2]).float().mean(1)
     spread = y0.std(1, unbiased=y0.shape[1] > 1).mean(1) if y0.shape[1] > 1 else torch.zeros(len(y0), device=y0.device)
-    return {"probs": torch.softmax(mean, 1), "spread": spread, "disagreement": 1 - votes.amax(1), "votes": votes}
+    lo, hi = label_interval(y0)
+    return {"probs": torch.softmax(mean, 1), "spread": spread, "disagreement": 1 - votes.amax(1), "votes": votes,
+            "interval_low": lo, "interval_high": hi}
 
 
 @register_method
 class DiffMIC(BackboneMethod):
     name = "diffmic"
     Config = DiffMICConfig
+
+    @classmethod
+    def from_options(cls, options: dict) -> "DiffMIC":
+        """As ``Method.from_options``, but a run recorded before ``dcg`` loads (and resumes) as it trained."""
+        return super().from_options(legacy_options(options))
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
         return DiffMICNet(self.config, in_channels, n_classes, image_size)
@@ -422,6 +517,10 @@ class DiffMIC(BackboneMethod):
             info = {**info, "also_into": sorted(targets)}
         return info
 
+    def phase(self, step: int) -> str:
+        """What the DCG does at a training step: "warmup" (CE alone) before ``dcg_warmup_steps``, then ``dcg_after_warmup``."""
+        return "warmup" if step < self.config.dcg_warmup_steps else str(self.config.dcg_after_warmup)
+
     def loss_fn(self, n_classes: int):
         c = self.config
         T = c.timesteps
@@ -429,18 +528,26 @@ class DiffMIC(BackboneMethod):
         def loss(model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
             x, y = batch["image"], batch["label"]
             n, dev = x.shape[0], x.device
+            phase = self.phase(batch.get("step", c.dcg_warmup_steps))
+            if phase == "frozen" and isinstance(model, nn.parallel.DistributedDataParallel):
+                # the frozen DCG gets no gradient, which DDP (find_unused_parameters=False) refuses
+                raise MedclfError("dcg_after_warmup=frozen does not run under torchrun yet: use "
+                                  "--set dcg_after_warmup=joint (DiffMIC's released arrangement)")
             t = torch.randint(0, T, (n // 2 + 1,), generator=g, device=dev)
             t = torch.cat([t, T - 1 - t])[:n]  # antithetic timesteps, as DiffMIC/CARD
             y0 = F.one_hot(y, n_classes).float()
             eps = torch.randn(y0.shape, generator=g, device=dev)
-            out = model(x, y0, t, eps)
+            out = model(x, y0, t, eps, phase=phase)
             mse = (eps - out["eps"]).pow(2).mean()
             mmd = mmd_rbf(eps, out["eps_global"]) + mmd_rbf(eps, out["eps_local"])
-            ce = F.cross_entropy(out["logits"].float(), y)
-            branch = F.cross_entropy(out["global_logits"].float(), y) + F.cross_entropy(out["local_logits"].float(), y)
             # warm-up: the diffusion terms weigh 0 (not skipped, so DDP still sees every parameter used)
-            diffusion = 0.0 if batch.get("step", c.dcg_warmup_steps) < c.dcg_warmup_steps else 1.0
-            return diffusion * (mse + c.mmd_weight * mmd) + c.ce_weight * ce + c.branch_ce_weight * branch
+            diffusion = 0.0 if phase == "warmup" else 1.0
+            total = diffusion * (mse + c.mmd_weight * mmd)
+            if phase != "frozen":  # a frozen DCG's logits carry no gradient: its CE would only pad the logged loss
+                ce = F.cross_entropy(out["logits"].float(), y)
+                branch = F.cross_entropy(out["global_logits"].float(), y) + F.cross_entropy(out["local_logits"].float(), y)
+                total = total + c.ce_weight * ce + c.branch_ce_weight * branch
+            return total
 
         return loss
 
@@ -448,8 +555,12 @@ class DiffMIC(BackboneMethod):
                **options: Any) -> LabelScorer:
         """Options: ``samples``, ``diffusion_steps``, ``seed``; others (trials, decision, sampler...) are ignored.
 
-        NFE = samples x steps denoiser-head calls + 1 (the shared trunk + DCG, run once per image; the
-        image features are reused by every chain and step, where CARD's loop re-encodes each step).
+        NFE = samples x steps denoiser-head calls + the image passes run once per image: 1 with a
+        shared trunk (trunk + DCG), 2 with a separate DCG (its CNN with the local CNN over the crops,
+        and the denoiser's encoder); the image features are reused by every chain and step, where
+        CARD's loop re-encodes each step. Extras ``interval_low``/``interval_high``: per-class 95%
+        intervals of the sampled label vectors (``label_interval``; meaningful from ~40 samples, CARD
+        draws 100).
         Maps: ``evidence`` (signed: CAM of the predicted class minus the runner-up's, at image size),
         ``saliency`` (non-negative, [0, 1]: the exact map the ROI crops were picked on), ``roi``
         (the crops weighted by their MIL attention).
@@ -463,6 +574,7 @@ class DiffMIC(BackboneMethod):
             raise MedclfError(f"--samples must be >= 1, not {samples}")
         ddim_timesteps(c.timesteps, steps)  # validates the step count up front
         model.eval().to(device)
+        passes = 1 if model.dcg_net is None else 2
 
         def forward(x: torch.Tensor) -> LabelOutput:
             g = torch.Generator(device=x.device).manual_seed(seed)
@@ -476,12 +588,13 @@ class DiffMIC(BackboneMethod):
                 cam.gather(1, runner.view(-1, 1, 1, 1).expand(-1, 1, *cam.shape[2:]))
             roi = crop_mask(out["corners"], out["attention"], model.dcg.crop, tuple(x.shape[2:]))
             return LabelOutput(
-                probs=probs, nfe=torch.full((len(x),), samples * steps + 1, dtype=torch.long),
+                probs=probs, nfe=torch.full((len(x),), samples * steps + passes, dtype=torch.long),
                 uncertainty={"spread": s["spread"], "disagreement": s["disagreement"]},
-                extras={"votes": s["votes"], "prior": out["prior"]},
+                extras={"votes": s["votes"], "prior": out["prior"], "interval_low": s["interval_low"],
+                        "interval_high": s["interval_high"]},
                 maps={"evidence": evidence[:, 0], "saliency": out["saliency"], "roi": roi})
 
-        return LabelScorer(classes, forward, device, calibration)
+        return LabelScorer(classes, forward, device, calibration, samples=samples)
 
     def calibrate(self, model: nn.Module, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
                   device: torch.device) -> dict:

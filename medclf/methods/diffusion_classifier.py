@@ -189,6 +189,10 @@ class DiffusionClassifier(Method):
             from medclf.errors import MedclfError
 
             raise MedclfError(f"unknown --counterfactual {opts['counterfactual']!r} (onestep, guided)")
+        if opts.get("amp", "off") not in ("off", "bf16", "fp16"):
+            from medclf.errors import MedclfError
+
+            raise MedclfError(f"unknown amp {opts['amp']!r} (off, bf16, fp16)")
         if opts.get("pool", c.pool) not in ("mean", "max", "top"):
             from medclf.errors import MedclfError
 
@@ -198,7 +202,9 @@ class DiffusionClassifier(Method):
                             chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0),
                             pool=opts.get("pool", c.pool), pool_kernel=opts.get("pool_kernel", c.pool_kernel),
                             pool_top=opts.get("pool_top", c.pool_top),
-                            counterfactual=opts.get("counterfactual") or "onestep")
+                            counterfactual=opts.get("counterfactual") or "onestep",
+                            amp=opts.get("amp", "off"), channels_last=bool(opts.get("channels_last", False)),
+                            compile=bool(opts.get("compile", False)))
         model.eval().to(device)
         sched = self._scheduler(getattr(model, "image_size", None))
         if c.prediction == "v":  # the scorer compares eps predictions

@@ -85,8 +85,9 @@ class LabelScorer:
     """``Scorer`` over a method's label sampler; see the module docstring."""
 
     def __init__(self, classes: list[str], forward: Forward, device: torch.device, calibration: dict | None = None,
-                 logit_fn: LogitFn | None = None, multilabel: bool = False):
+                 logit_fn: LogitFn | None = None, multilabel: bool = False, samples: int | None = None):
         self.classes = list(classes)
+        self.samples = samples  #: label samples per image behind any intervals (eval records it beside PICP)
         self.forward = forward
         self.device = device
         self.calibration = calibration or {}
