@@ -176,9 +176,10 @@ def method_options(method: str, sets: list[str], extra: dict | None = None) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=None, help="ingest sizes, comma-separated (default 32,64; 128 on a GPU)")
-    ap.add_argument("--steps", type=int, default=800, help="training steps of baseline and diffusion classifier")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 64 patients, 32 px, 200 steps, 16 trials")
-    ap.add_argument("--patients", type=int, default=100, help="phantom patients, 8 slices each (>= 50 for >= 400 slices)")
+    ap.add_argument("--steps", type=int, help="training steps of baseline and diffusion classifier (default 800)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 64 patients, 32 px, 200 steps, 16 trials, 8 CNN epochs (explicit options win)")
+    ap.add_argument("--patients", type=int, help="phantom patients, 8 slices each (default 100: 800 slices, 120 test)")
     ap.add_argument("--radius-mm", type=float, default=6.0)
     ap.add_argument("--contrast-hu", type=float, default=20.0)
     ap.add_argument("--window", default="brain,subdural,soft")
@@ -191,14 +192,16 @@ def main() -> None:
     ap.add_argument("--pool", default="max", help="pooled diffusion row: max | top")
     ap.add_argument("--pool-kernel", type=int, default=3)
     ap.add_argument("--pool-top", type=float, default=0.02)
-    ap.add_argument("--trials", type=int, default=64, help="diffusion scoring trials per image (full budget)")
-    ap.add_argument("--cnn-epochs", type=int, default=15)
+    ap.add_argument("--trials", type=int, help="diffusion scoring trials per image, full budget (default 64)")
+    ap.add_argument("--cnn-epochs", type=int, help="default 15")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=16)
     ap.add_argument("--work", type=Path, help="keep data and runs here (default: a temporary folder); reruns reuse them")
     args = ap.parse_args()
+    for key, full, quick in (("patients", 100, 64), ("steps", 800, 200), ("trials", 64, 16), ("cnn_epochs", 15, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     if args.quick:
-        args.patients, args.steps, args.trials, args.cnn_epochs = min(args.patients, 64), 200, 16, 8
         args.sizes = args.sizes or "32"
     sizes = [int(s) for s in (args.sizes or ("32,64,128" if torch.cuda.is_available() else "32,64")).split(",")]
 

@@ -271,7 +271,8 @@ def plan_inputs(inputs: list[str], notes: Callable[[str], None] | None = None) -
 
 def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: int = 32,
                  explain: bool = False, run=None, notes: Callable[[str], None] | None = None, share=None,
-                 planned: list[Planned | ReadError] | None = None) -> Iterator[Scored | ReadError]:
+                 planned: list[Planned | ReadError] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Iterator[Scored | ReadError]:
     """Yield a ``Scored`` per readable file, 4-D NIfTI volume or DICOM series and a ``ReadError`` per bad file;
     never stops early.
 
@@ -284,7 +285,8 @@ def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: i
     ``share`` (a ``medclf.sharding.Share``) scores only its contiguous block of the planned items: every
     process plans every input, so all agree on the blocks, and the shares' outputs in order are this
     function's output for the whole. ``planned`` is the plan when the caller made it already
-    (``list(plan_inputs(...))``). Each ``Scored`` records its item's position in the plan (``index``)."""
+    (``list(plan_inputs(...))``). Each ``Scored`` records its item's position in the plan (``index``).
+    ``progress(done, total)`` is called after each planned item (the plan is then made up front)."""
     items: Iterable[Planned | ReadError] = plan_inputs(inputs, notes) if planned is None else planned
     lo = 0
     if share is not None and not share.whole:
@@ -292,7 +294,11 @@ def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: i
         lo, hi = share.bounds(len(items))
         _said_before(items, lo, hi, pre, explain, run)
         items = items[lo:hi]
+    if progress is not None:
+        items = list(items)
     for i, item in enumerate(items, lo):
+        if progress is not None and i > lo:
+            progress(i - lo, len(items))
         if isinstance(item, ReadError):
             yield item
             continue
@@ -306,6 +312,8 @@ def score_inputs(inputs: list[str], scorer, pre: PreprocessConfig, batch_size: i
                     continue
                 item.volumes.reported.add(res.message)
             yield res
+    if progress is not None and items:
+        progress(len(items), len(items))
 
 
 def _said_before(items: list[Planned | ReadError], lo: int, hi: int, pre: PreprocessConfig, explain: bool, run) -> None:

@@ -123,9 +123,9 @@ class Share:
         return sum(got) if got is not None else 0
 
     def close(self) -> None:
-        """Leave the process group (torchrun) once the last exchange is done. Commands call it
-        themselves: left to interpreter exit (the ``atexit`` fallback), gloo's teardown aborted a rank
-        in about half the runs (SIGABRT, "terminate called without an active exception")."""
+        """Leave the process group (torchrun) once the last exchange is done, so that gloo's threads
+        end here and not during interpreter exit, where one releasing a tensor aborts the rank
+        (SIGABRT, "terminate called without an active exception"; see ``_join_group``)."""
         if self.distributed:
             _close_group()
 
@@ -151,6 +151,12 @@ def _join_group() -> None:
 
     if dist.is_initialized():
         return
+    # torch._dynamo (which timm and MONAI import) keeps a reference to a process group that exists
+    # when it is first imported, so destroy_process_group would leave gloo's threads running; one of
+    # them then released a tensor during interpreter exit and aborted the rank (SIGABRT). Imported
+    # first, it holds nothing and leaving the group really ends them.
+    import torch._dynamo  # noqa: F401
+
     try:
         dist.init_process_group(backend="gloo", timeout=MERGE_TIMEOUT)
     except (ValueError, RuntimeError) as e:  # WORLD_SIZE set by hand, without torchrun's rendezvous

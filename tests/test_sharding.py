@@ -242,3 +242,26 @@ def test_torchrun_eval_gives_the_metrics_of_one_process(tiny_run, tiny_cache, tm
     printed = json.loads(two.stdout)  # rank 0 prints the metrics once
     assert {k: v for k, v in printed.items() if k not in TIMING} == {k: v for k, v in json.loads(one.stdout).items()
                                                                      if k not in TIMING}
+
+
+@pytest.mark.slow
+def test_leaving_the_group_ends_gloos_threads_after_timm_and_monai_are_imported(tmp_path):
+    """torch._dynamo (imported by timm and MONAI) kept a group made before it alive past
+    destroy_process_group; gloo's threads then ran into interpreter exit and aborted a rank at
+    random. Deterministic here: the threads are counted after ``Share.close``."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os\n"
+        "from medclf.sharding import process_share\n"
+        "share = process_share()\n"
+        "import monai, timm  # noqa: F401,E401  (as load_scorer imports them: after the group exists)\n"
+        "assert share.from_root(lambda: 'hello') == 'hello'\n"
+        "assert list(share.merged([share.rank])) == ([0, 1] if share.root else [])\n"
+        "assert share.failures(share.rank + 1) == (3 if share.root else 0)\n"
+        "share.close()\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "assert not [n for n in names if 'gloo' in n], names\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,30 @@ def warn(lines: list[str]) -> None:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def item_progress(label: str, fancy: bool, every_s: float = 5.0, unit: str = "inputs") -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback: a transient rich bar on a terminal; otherwise a plain
+    ``label: done/total inputs`` line on stderr at most every ``every_s`` seconds (a long batch in a
+    log shows it is alive; a short one prints nothing)."""
+    if fancy:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    last = [time.monotonic()]
+
+    def plain(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s and done < total:
+            last[0] = now
+            err.print(f"{label}: {done}/{total} {unit}", highlight=False)
+
+    yield plain
 
 
 # Scoring options shared by classify, eval and explain. Each method's scorer takes the ones it knows

@@ -12,7 +12,7 @@ import typer
 
 from medclf.cli._common import (Adaptive, Budget, CalledAET, Decision, Device, DiffusionSteps, ModelRun, Samples, Sampler,
                                 SendTo, err, out, scorer_options, send_target, warn)
-from medclf.cli._common import HeldOutput, NumParts, PartId, shard_share
+from medclf.cli._common import HeldOutput, NumParts, PartId, is_tty, item_progress, shard_share
 from medclf.errors import ExitCode
 
 
@@ -91,37 +91,39 @@ def classify_cmd(
     writer = None
     table_rows = []
     held = HeldOutput(share)  # torchrun: rank 0 prints every rank's lines, in input order
-    for res in score_inputs(paths, scorer, pre, batch_size=batch_size, run=run, share=share,
-                            notes=(lambda m: warn([m])) if share.root else None):
-        if isinstance(res, MedclfError):
-            failed += 1
-            if as_json:
-                print(json.dumps({"input": res.path, "error": res.message}), flush=True)
-            err.print(f"error: {res.path}: {res.message}", highlight=False, soft_wrap=True)
-            continue
-        warn(input_warnings(res))
-        for r in rows(res, classes):
-            if as_json:
-                print(json.dumps(r), flush=True)
-            elif as_csv:
-                if writer is None:
-                    writer = csv.writer(sys.stdout)
-                    stat_cols = [k for k, v in r.items() if isinstance(v, float)]  # the only scalar floats: vote statistics
-                    writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"],
-                                     *stat_cols, "nfe", "series", "file", "volume"])
-                writer.writerow([r["input"], r.get("slice", ""), _pred_text(r["prediction"]), *r["probabilities"].values(),
-                                 *r["uncertainty"].values(), *[r[k] for k in stat_cols], r["nfe"], r.get("series", ""),
-                                 r.get("file", ""), r.get("volume", "")])
-                sys.stdout.flush()
-            else:
-                table_rows.append(r)
-        if sr_writer is not None and res.source not in sr_refused:
-            try:
-                sr_written.append(sr_writer.write(res))
-            except MedclfError as e:
+    # a bar on a terminal, else a line every few seconds; rank 0 only (the ranks share one terminal)
+    with item_progress("classify", fancy=is_tty() and share.root, every_s=5.0 if share.root else float("inf")) as progress:
+        for res in score_inputs(paths, scorer, pre, batch_size=batch_size, run=run, share=share, progress=progress,
+                                notes=(lambda m: warn([m])) if share.root else None):
+            if isinstance(res, MedclfError):
                 failed += 1
-                sr_refused.add(res.source)
-                _report_error(e.path or res.source, e.message, as_json)
+                if as_json:
+                    print(json.dumps({"input": res.path, "error": res.message}), flush=True)
+                err.print(f"error: {res.path}: {res.message}", highlight=False, soft_wrap=True)
+                continue
+            warn(input_warnings(res))
+            for r in rows(res, classes):
+                if as_json:
+                    print(json.dumps(r), flush=True)
+                elif as_csv:
+                    if writer is None:
+                        writer = csv.writer(sys.stdout)
+                        stat_cols = [k for k, v in r.items() if isinstance(v, float)]  # the only scalar floats: vote statistics
+                        writer.writerow(["input", "slice", "prediction", *[f"p_{c}" for c in classes], *r["uncertainty"],
+                                         *stat_cols, "nfe", "series", "file", "volume"])
+                    writer.writerow([r["input"], r.get("slice", ""), _pred_text(r["prediction"]), *r["probabilities"].values(),
+                                     *r["uncertainty"].values(), *[r[k] for k in stat_cols], r["nfe"], r.get("series", ""),
+                                     r.get("file", ""), r.get("volume", "")])
+                    sys.stdout.flush()
+                else:
+                    table_rows.append(r)
+            if sr_writer is not None and res.source not in sr_refused:
+                try:
+                    sr_written.append(sr_writer.write(res))
+                except MedclfError as e:
+                    failed += 1
+                    sr_refused.add(res.source)
+                    _report_error(e.path or res.source, e.message, as_json)
     table_rows = list(share.merged(table_rows))  # torchrun: every rank's rows, on rank 0
     if table_rows:
         from rich.table import Table
@@ -141,7 +143,7 @@ def classify_cmd(
     sr_written = [Path(f) for f in share.merged([str(f) for f in sr_written])]  # torchrun: all ranks' SRs, on rank 0
     failed = share.failures(failed)  # torchrun: rank 0 exits with the whole batch's status, the others 0
     held.release(csv_header=as_csv)
-    share.close()  # leave torchrun's group now: at interpreter exit gloo may abort the process
+    share.close()  # torchrun: leave the group now, not at interpreter exit (Share.close)
     if target is not None and share.root:  # one association, from the rank that prints
         from medclf.export.send import send_files
 

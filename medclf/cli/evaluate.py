@@ -71,7 +71,7 @@ def eval_cmd(
         progress = lambda d, n: err.print(f"\reval: {d}/{n}", end="", highlight=False)  # noqa: E731
     m = evaluate_run(run, scorer, cache, split, bootstrap=bootstrap, corrupt=corrupt, report=report, progress=progress,
                      batch_size=batch_size, share=share)
-    share.close()  # leave torchrun's group now: at interpreter exit gloo may abort the process
+    share.close()  # torchrun: leave the group now, not at interpreter exit (Share.close)
     if m is None:  # torchrun, rank > 0: rank 0 prints the metrics
         return
     if progress:

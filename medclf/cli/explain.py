@@ -125,7 +125,7 @@ def explain_cmd(
             out.print(f"{res.source}: {summary.get('prediction', '')} -> {out_dir}", highlight=False, soft_wrap=True)
     failed = share.failures(failed)  # torchrun: rank 0 exits with the whole batch's status, the others 0
     held.release()
-    share.close()  # leave torchrun's group now: at interpreter exit gloo may abort the process
+    share.close()  # torchrun: leave the group now, not at interpreter exit (Share.close)
     if target is not None:
         from medclf.export.send import send_files
 

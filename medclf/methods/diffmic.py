@@ -61,7 +61,7 @@ class DiffMICConfig(BackboneConfig):
     mmd_weight: float = 0.5  #: lambda of the dual-granularity MMD terms (the paper: 0.5)
     ce_weight: float = 1.0  #: weight of the DCG's cross-entropy on the fused prior
     branch_ce_weight: float = 0.0  #: extra CE on y_global and y_local each (DiffMIC's release: none; medclf's old default 0.5)
-    dcg_warmup_steps: int = 100  #: first steps train the DCG's cross-entropy alone (DiffMIC pretrains it: 15 epochs); 0 = none
+    dcg_warmup_steps: int = 50  #: first steps train the DCG's cross-entropy alone (DiffMIC pretrains it: 15 epochs); 0 = none
     #: after the warm-up: "joint" (priors from the DCG in eval mode; the DCG keeps learning from its cross-entropy
     #: alone in a train-mode pass: DiffMIC's released configs, ``joint_train: True``), "frozen" (eval mode, weights
     #: fixed: CARD's pretrained-guidance path), "train" (one train-mode pass gives priors and CE: medclf's old
