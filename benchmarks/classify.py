@@ -370,10 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         xt, yt = load_split(cache, args.split, args.images)
         xv, yv = load_split(cache, args.fit_split, args.fit_images or args.images)
         saved = args.out / f"{task}-errors.pt"
-        if args.reuse and saved.exists():  # same run and data, budget >= --trials: its prefix, without rescoring
-            got = torch.load(saved)
-            if got["trials"] < args.trials or got["n"] != (len(yv), len(yt)) or got["model"] != str(model.resolve()):
-                raise SystemExit(f"{saved} is from another setting; drop --reuse")
+        got = torch.load(saved) if args.reuse and saved.exists() else None
+        if got is not None and (got["trials"] < args.trials or got["n"] != (len(yv), len(yt))
+                                or got["model"] != str(model.resolve())):
+            print(f"{task}: {saved} is from another setting (run, images or fewer trials): scoring again")
+            got = None
+        if got is not None:  # same run and data, budget >= --trials: its prefix, without rescoring
             n = args.trials
             Ev, Et, sec = got["Ev"][:, :n], got["Et"][:, :n], got["seconds"] * n / got["trials"]
             print(f"{task}: errors reused from {saved} ({got['trials']} trials, first {n})")

@@ -236,7 +236,9 @@ class BlockCond(nn.Module):
     def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         if self.cond is None:
             return out
-        if len(self.cond) != len(out):
+        if torch.compiler.is_compiling():  # torch.export / ONNX: a symbolic check keeps the batch axis dynamic
+            torch._check(self.cond.shape[0] == out.shape[0])
+        elif len(self.cond) != len(out):
             raise MedclfError(f"{len(self.cond)} conditions for {len(out)} images in a conditioned block")
         return out + self.proj(self.cond).to(out.dtype)[:, :, None, None]
 
