@@ -141,19 +141,9 @@ def dicom_sources(scored: "Scored") -> list[str]:
 
 def _headers(paths: list[str]) -> list["Dataset"]:
     """Each source's header, read again (no pixels) for the UIDs the report references."""
-    import pydicom
+    from medclf.io.dicom import source_headers
 
-    out = []
-    for p in paths:
-        try:
-            with tolerated_warnings(p):
-                ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception as e:  # the file changed or vanished since it was classified
-            raise MedclfError(f"cannot re-read the DICOM header for the SR ({type(e).__name__})", p) from None
-        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not str(ds.get(kw) or "").strip():
-                raise MedclfError(f"no DICOM SR: the header has no {kw}", p)
-        out.append(ds)
+    out = source_headers(paths, "SR")
     studies = {str(ds.StudyInstanceUID) for ds in out}
     if len(studies) > 1:  # never names the UIDs: they are identifiers
         raise MedclfError(f"no DICOM SR: the series' files belong to {len(studies)} studies", paths[0])

@@ -109,20 +109,11 @@ def _headers(paths: list[Path], n_slices: int, notes: Callable[[str], None] | No
     (de-identified exports such as RSNA's drop it; the CT IOD requires it) gets one derived from its
     study and series UIDs: every map of that series shares it, so the maps overlay one another, and
     the plane positions still place them on the source's patient coordinates."""
-    import pydicom
     from pydicom.uid import generate_uid
 
-    out = []
-    for p in paths:
-        try:
-            with tolerated_warnings(p):
-                ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception as e:  # the file changed or vanished since it was scored
-            raise MedclfError(f"cannot re-read the DICOM header for the Parametric Map ({type(e).__name__})", p) from None
-        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not str(ds.get(kw) or "").strip():
-                raise MedclfError(f"no DICOM Parametric Map: the header has no {kw}", p)
-        out.append(ds)
+    from medclf.io.dicom import source_headers
+
+    out = source_headers(paths, "Parametric Map")
     frames = sum(max(int(ds.get("NumberOfFrames") or 1), 1) for ds in out)
     if frames != n_slices:
         raise MedclfError(f"no DICOM Parametric Map: the source holds {frames} frame(s) for {n_slices} map slice(s)",

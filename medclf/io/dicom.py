@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medclf.errors import ReadError
+from medclf.errors import MedclfError, ReadError
 from medclf.io.image import ImageData
 from medclf.privacy import pseudonym
 
@@ -513,4 +513,24 @@ def dicomdir_files(path: Path) -> list[Path]:
     for inst in fs:
         if getattr(inst, "path", None):
             out.append(Path(inst.path))
+    return out
+
+
+def source_headers(paths, what: str) -> list:
+    """Headers (no pixels) of the sources a derived object references, read again when it is
+    written; a header without its study/series/instance UIDs or SOP class cannot be referenced.
+    ``what`` names the object in the one-line errors ("SR", "Parametric Map")."""
+    import pydicom
+
+    out = []
+    for p in paths:
+        try:
+            with tolerated_warnings(p):
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception as e:  # the file changed or vanished since it was scored
+            raise MedclfError(f"cannot re-read the DICOM header for the {what} ({type(e).__name__})", p) from None
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            if not str(ds.get(kw) or "").strip():
+                raise MedclfError(f"no DICOM {what}: the header has no {kw}", p)
+        out.append(ds)
     return out
