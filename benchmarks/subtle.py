@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--cnn-epochs", type=int, help="default 15")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=16)
+    ap.add_argument("--methods", default="baseline,diffusion,cnn",
+                    help="rows to run, comma-separated (e.g. baseline with --baseline-set global_pool=max)")
     ap.add_argument("--work", type=Path, help="keep data and runs here (default: a temporary folder); reruns reuse them")
     args = ap.parse_args()
     for key, full, quick in (("patients", 100, 64), ("steps", 800, 200), ("trials", 64, 16), ("cnn_epochs", 15, 8)):
@@ -227,7 +229,8 @@ def main() -> None:
           f"{args.radius_mm:g} mm at +{args.contrast_hu:g} HU in half the slices; windows {','.join(windows)}; sizes "
           f"{sizes}; {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}; baseline {bl_opts or 'defaults'}; "
           f"diffusion {dc_opts or 'defaults'}, {args.trials} trials; CNN {args.cnn_epochs} epochs; {threads} threads")
-    rows = []
+    methods = set(args.methods.split(","))
+    rows: list = []
     for size in sizes:
         cache = work / f"cache-{src.name}-{size}-{'-'.join(w.replace('/', '_') for w in windows)}"
         ingest(IngestConfig(sources=[src], out=cache, dataset="rsna-ich",
@@ -237,34 +240,44 @@ def main() -> None:
         print(f"  {size} px: splits {n}", flush=True)
 
         tag = f"{size}-{args.steps}-{args.lr:g}-{args.seed}"
-        run = work / f"baseline-{tag}-{'_'.join(args.baseline_set) or 'default'}"
-        secs = train_run(cache, "baseline", bl_opts, run, args.steps, args.batch_size, args.lr, args.seed)
-        y, p, pred = baseline_scores(run, cache)
-        rows.append(("baseline", size, args.steps, y, p, pred, secs))
-        print(f"  {size} px: baseline done ({secs:.0f} s)", flush=True)
+        if "baseline" in methods:
+            run = work / f"baseline-{tag}-{'_'.join(args.baseline_set) or 'default'}"
+            secs = train_run(cache, "baseline", bl_opts, run, args.steps, args.batch_size, args.lr, args.seed)
+            y, p, pred = baseline_scores(run, cache)
+            name = "baseline" + (f" ({', '.join(args.baseline_set)})" if args.baseline_set else "")
+            rows.append((name, size, args.steps, y, p, pred, secs))
+            print(f"  {size} px: baseline done ({secs:.0f} s)", flush=True)
+        if "diffusion" in methods:
+            diffusion_rows(args, work, tag, cache, dc_opts, pools, size, rows)
+        if "cnn" in methods:
+            y, p, secs = train_cnn(cache, args.cnn_epochs, args.seed, args.batch_size)
+            rows.append(("CNN reference", size, f"{args.cnn_epochs} ep", y, p, (p > 0.5).astype(int), secs))
+            print(f"  {size} px: CNN done ({secs:.0f} s)", flush=True)
+    print_rows(rows, args.seed)
 
-        run = work / f"diffusion-{tag}-{'_'.join(args.diffusion_set) or 'default'}"
-        secs = train_run(cache, "diffusion-classifier", dc_opts, run, args.steps, args.batch_size, args.lr, args.seed,
-                         calibrate=False)
-        t0 = time.perf_counter()
-        scored = diffusion_pool_scores(run, cache, pools, args.trials)
-        score_s = time.perf_counter() - t0
-        for pool in pools:
-            y, p, pred = scored[pool]
-            name = "diffusion (pool=mean)" if pool[0] == "mean" else f"diffusion (pool={pool[0]}, k={pool[1]})"
-            rows.append((name, size, args.steps, y, p, pred, secs + score_s))
-        print(f"  {size} px: diffusion classifier done ({secs:.0f} s train, {score_s:.0f} s scoring)", flush=True)
 
-        y, p, secs = train_cnn(cache, args.cnn_epochs, args.seed, args.batch_size)
-        rows.append(("CNN reference", size, f"{args.cnn_epochs} ep", y, p, (p > 0.5).astype(int), secs))
-        print(f"  {size} px: CNN done ({secs:.0f} s)", flush=True)
+def diffusion_rows(args, work: Path, tag: str, cache: Path, dc_opts: dict, pools: list, size: int, rows: list) -> None:
+    """Train (or reuse) the diffusion classifier and add one row per pool from one pass of error maps."""
+    run = work / f"diffusion-{tag}-{'_'.join(args.diffusion_set) or 'default'}"
+    secs = train_run(cache, "diffusion-classifier", dc_opts, run, args.steps, args.batch_size, args.lr, args.seed,
+                     calibrate=False)
+    t0 = time.perf_counter()
+    scored = diffusion_pool_scores(run, cache, pools, args.trials)
+    score_s = time.perf_counter() - t0
+    for pool in pools:
+        y, p, pred = scored[pool]
+        name = "diffusion (pool=mean)" if pool[0] == "mean" else f"diffusion (pool={pool[0]}, k={pool[1]})"
+        rows.append((name, size, args.steps, y, p, pred, secs + score_s))
+    print(f"  {size} px: diffusion classifier done ({secs:.0f} s train, {score_s:.0f} s scoring)", flush=True)
 
+
+def print_rows(rows: list, seed: int) -> None:
     head = f"{'method':<28}{'size':>5}{'steps':>8}{'accuracy':>10}{'AUROC [95% CI]':>24}{'wall s':>8}  beats chance"
     print()
     print(head)
     print("-" * len(head))
     for name, size, steps, y, p, pred, secs in rows:
-        auc, lo, hi = auroc_ci(y, p, seed=args.seed)
+        auc, lo, hi = auroc_ci(y, p, seed=seed)
         acc = float((pred == y).mean())
         verdict = "PASS" if lo > 0.5 else "FAIL"
         print(f"{name:<28}{size:>5}{steps!s:>8}{acc:>10.3f}{auc:>9.3f} [{lo:.3f}, {hi:.3f}]{secs:>8.0f}  {verdict}")

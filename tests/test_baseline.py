@@ -101,6 +101,7 @@ def test_cli_baseline_finetune_classify_explain(ct32_cache, tmp_path):
     (["--set", "nonsense=1"], "expected KEY=VALUE"),
     (["--set", "dropout=lots"], "not a valid float"),
     (["--backbone", "no_such_net"], "unknown timm encoder"),
+    (["--set", "global_pool=catavgmax"], "expected one of avg, max, avgmax"),
 ])
 def test_cli_refuses_bad_method_options(ct32_cache, tmp_path, args, message, capsys):
     rc = run_app(app, ["finetune", str(ct32_cache), "--method", "baseline", "--out", str(tmp_path / "r"),
@@ -108,6 +109,18 @@ def test_cli_refuses_bad_method_options(ct32_cache, tmp_path, args, message, cap
     msg = capsys.readouterr().err
     assert rc == 1 and message in " ".join(msg.split()) and "Traceback" not in msg
     assert not (tmp_path / "r").exists()
+
+
+def test_global_pool_option_reaches_the_trunk():
+    """``--set global_pool=max``: the head reads the spatial max of the trunk's feature map (the default
+    its mean), so a finding of a few pixels is not divided by the map's area."""
+    from medclf.methods import get_method
+
+    x = torch.rand(2, 1, 64, 64)
+    for pool, reduce in ((None, torch.mean), ("max", torch.amax)):
+        net = get_method("baseline").from_options({"backbone": "test_resnet", "global_pool": pool}).build(1, 2, 64).eval()
+        with torch.no_grad():
+            assert torch.allclose(net.backbone(x), reduce(net.backbone.feature_map(x), dim=(2, 3)), atol=1e-6)
 
 
 def test_decision_is_checked_by_the_method(tiny_run, capsys):

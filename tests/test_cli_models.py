@@ -122,6 +122,9 @@ def test_eval_writes_metrics_and_plots(tiny_run, tiny_cache, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "ece", "brier", "confusion_matrix", "ci95"):
         assert key in m, key
     assert (rep / "metrics.json").exists()
+    curve = m["selective_accuracy"]  # the referral curve by calibrated entropy, most certain share first
+    assert [c["fraction"] for c in curve] == [1.0, 0.9, 0.75, 0.5]
+    assert curve[0]["n"] == m["n"] and curve[0]["accuracy"] == pytest.approx(m["accuracy"])
     for png in ("roc.png", "reliability.png", "confusion.png"):
         assert (rep / png).stat().st_size > 1000, png
 

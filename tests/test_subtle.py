@@ -172,3 +172,25 @@ def test_both_methods_beat_chance_on_small_faint_lesions(method, subtle_cache, t
     auc = roc_auc_score(y, p)
     print(f"{method}: test AUROC {auc:.3f} on {len(y)} slices")
     assert auc > floor, (method, auc)
+
+
+# -------------------------------------------------------------------------------------------- preset
+@pytest.mark.parametrize("method, key, value", [("diffusion-classifier", "pool", "max"), ("baseline", "global_pool", "max")])
+def test_small_findings_preset_fills_what_set_does_not_and_is_recorded(method, key, value, tiny_cache, tmp_path, capsys):
+    import json
+
+    from medclf.cli import app
+    from medclf.cli._common import run_app
+
+    common = ["finetune", str(tiny_cache), "--method", method, "--steps", "1", "--batch-size", "4",
+              "--preset", "small-findings"]
+    extra = ["--model-size", "tiny"] if method == "diffusion-classifier" else ["--backbone", "test_resnet"]
+    assert run_app(app, [*common, *extra, "--out", str(tmp_path / "a")]) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["method_config"][key] == value, cfg["method_config"]
+    other = "top" if method == "diffusion-classifier" else "avg"  # an explicit --set wins over the preset
+    assert run_app(app, [*common, *extra, "--set", f"{key}={other}", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["method_config"][key] == other
+    capsys.readouterr()
+    assert run_app(app, [*common[:-1], "lesions", "--out", str(tmp_path / "c")]) == 1
+    assert "unknown --preset 'lesions'" in capsys.readouterr().err and not (tmp_path / "c").exists()

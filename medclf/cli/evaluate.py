@@ -96,6 +96,9 @@ def eval_cmd(
         t.add_row(key, "n/a" if v is None else f"{v:.4f}", f"{lo_hi[0]:.4f}-{lo_hi[1]:.4f}" if lo_hi else "")
     out.print(t)
     out.print("confusion (rows true, cols predicted): " + json.dumps(m["confusion_matrix"]), highlight=False)
+    if m.get("selective_accuracy"):
+        out.print("accuracy on the most certain share (by calibrated entropy): " + ", ".join(
+            f"{c['fraction']:.0%} {c['accuracy']:.3f}" for c in m["selective_accuracy"]), highlight=False)
     if report:
         out.print(f"report: {report}", highlight=False)
 

@@ -25,6 +25,8 @@ def finetune_cmd(
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Start the backbone from a local weights file.")] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start the backbone from a `medclf pretrain` run's encoder (sets --backbone).")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Any method option as KEY=VALUE (repeatable), e.g. --set mixup=0.2.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Method options for a kind of finding (fills what --set does not): "
+                                                       "small-findings (max pooling of the evidence).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Train at this size from a cache of another: images are "
                                                            "resized on the device, and eval/classify/explain repeat it.")] = None,
     steps: Steps = 1000,
@@ -59,7 +61,11 @@ def finetune_cmd(
     options = {"arch": arch, "model_size": None if model_size is None else model_size.value, "trials": trials,
                "backbone": backbone, "pretrained": pretrained,
                "encoder_weights": str(encoder_weights) if encoder_weights else None}
-    options = get_method(method.value).parse_options({k: v for k, v in options.items() if v is not None}, sets or [])
+    from medclf.methods.presets import preset_sets
+
+    # the preset first: a later --set of the same key wins
+    options = get_method(method.value).parse_options({k: v for k, v in options.items() if v is not None},
+                                                     preset_sets(preset, method.value) + (sets or []))
     rank = distributed_env()[0]
     with train_progress("finetune", steps, show=rank == 0 and not as_json, log_every=tcfg.log_every) as progress:
         summary = finetune(cache, method.value, out_dir, options, tcfg, resume=resume_mode(resume, resume_auto), init=init,

@@ -179,6 +179,11 @@ def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 
     m.update(about)
     m["images_per_s"] = len(res["y"]) / max(res["seconds"], 1e-9)
     m["warnings"] = calibration_warnings(run.config) + m["warnings"]
+    if "entropy" in res["uncertainty"]:  # the referral curve: is the calibrated uncertainty worth acting on?
+        from medclf.evaluation.metrics import selective_accuracy
+
+        m["selective_accuracy"] = selective_accuracy(res["y"], res["probs"], res["uncertainty"]["entropy"],
+                                                     fractions=(1.0, 0.9, 0.75, 0.5), pred=res["pred"])
     if "intervals" in res:  # label samplers (DiffMIC): CARD's PICP of the per-class 95% label intervals
         from medclf.evaluation.metrics import picp
 

@@ -25,10 +25,17 @@ class BackboneConfig:
     encoder_weights: str | None = None  #: local weights file for the backbone at the start of training
 
 
+#: timm pools that keep the trunk's feature width (catavgmax doubles it, which the linear head does not expect)
+GLOBAL_POOLS = (None, "avg", "max", "avgmax")
+
+
 @dataclass
 class BaselineConfig(BackboneConfig):
     dropout: float = 0.0  #: before the linear head
     label_smoothing: float = 0.0
+    #: timm's global pool of the trunk's feature map (None: the model's own, avg for CNNs). ``max`` lets a
+    #: finding of a few pixels fire the head where an average over the whole map dilutes it (issue #16)
+    global_pool: str | None = None
 
 
 class BackboneMethod(Method):
@@ -43,11 +50,13 @@ class BackboneMethod(Method):
 
 
 class LinearClassifier(nn.Module):
-    def __init__(self, backbone: str, in_channels: int, n_classes: int, image_size: int, dropout: float = 0.0):
+    def __init__(self, backbone: str, in_channels: int, n_classes: int, image_size: int, dropout: float = 0.0,
+                 global_pool: str | None = None):
         super().__init__()
         from medclf.models.backbone import create_encoder
 
-        self.backbone = create_encoder(backbone, in_channels, image_size)
+        kw = {"global_pool": global_pool} if global_pool else {}
+        self.backbone = create_encoder(backbone, in_channels, image_size, **kw)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.backbone.num_features, n_classes)
 
@@ -65,7 +74,12 @@ class Baseline(BackboneMethod):
     supports_multilabel = True
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
-        return LinearClassifier(self.config.backbone, in_channels, n_classes, image_size, self.config.dropout)
+        c = self.config
+        if c.global_pool not in GLOBAL_POOLS:
+            from medclf.errors import MedclfError
+
+            raise MedclfError(f"--set global_pool={c.global_pool}: expected one of {', '.join(p for p in GLOBAL_POOLS if p)}")
+        return LinearClassifier(c.backbone, in_channels, n_classes, image_size, c.dropout, c.global_pool)
 
     def loss_fn(self, n_classes: int):
         smoothing = self.config.label_smoothing

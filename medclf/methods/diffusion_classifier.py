@@ -48,7 +48,11 @@ class DiffusionClassifierConfig:
     pool: str = "mean"
     pool_kernel: int = 3
     pool_top: float = 0.02
-
+    #: off | fit: calibration fits per-t-bin weights of the trials' errors on the validation split
+    #: (``medclf.scoring.denoising.fit_t_weights``), records them in the run and the scorer uses them:
+    #: weighted mean errors, bins of weight 0 not evaluated (issue #12, benchmarks/classify.py)
+    t_weights: str = "off"
+    t_weight_bins: int = 16  #: even bins over the scorer's t range
 
     def __post_init__(self) -> None:
         if self.recipe == "favero":
@@ -122,6 +126,10 @@ class DiffusionClassifier(Method):
             raise MedclfError(f"unknown prediction/loss_weight {c.prediction!r}/{c.loss_weight!r} (epsilon|v, none|min_snr)")
         if c.continuous_t and c.schedule != "shifted_cosine":
             raise MedclfError("continuous_t needs schedule=shifted_cosine (an alpha-bar defined at every t)")
+        if c.t_weights not in ("off", "fit") or int(c.t_weight_bins) < 1:
+            raise MedclfError(f"unknown t_weights/t_weight_bins {c.t_weights!r}/{c.t_weight_bins!r} (off|fit, >= 1)")
+        if c.t_weights == "fit" and c.pool != "mean":
+            raise MedclfError(f"t_weights=fit weighs the mean error: it needs pool=mean (got {c.pool!r})")
 
     def build(self, in_channels: int, n_classes: int, image_size: int) -> nn.Module:
         from medclf.errors import MedclfError
@@ -197,6 +205,13 @@ class DiffusionClassifier(Method):
             from medclf.errors import MedclfError
 
             raise MedclfError(f"unknown pool {opts.get('pool', c.pool)!r} (mean, max, top)")
+        # the run's fitted timestep weights (calibration) unless the caller passes its own ("off": none)
+        t_weights = opts.get("t_weights", calibration.get("t_weights"))
+        t_weights = None if isinstance(t_weights, str) and t_weights == "off" else t_weights
+        if t_weights is not None and opts.get("pool", c.pool) != "mean":
+            from medclf.errors import MedclfError
+
+            raise MedclfError(f"this run weighs timesteps (t_weights), which needs pool=mean (got {opts['pool']!r})")
         cfg = ScoringConfig(trials=opts.get("trials", c.trials), decision=opts.get("decision", c.decision),
                             adaptive=opts.get("adaptive", c.adaptive), prune_alpha=opts.get("prune_alpha", c.prune_alpha),
                             chunk=opts.get("chunk", c.chunk), seed=opts.get("seed", 0),
@@ -204,7 +219,8 @@ class DiffusionClassifier(Method):
                             pool_top=opts.get("pool_top", c.pool_top),
                             counterfactual=opts.get("counterfactual") or "onestep",
                             amp=opts.get("amp", "off"), channels_last=bool(opts.get("channels_last", False)),
-                            compile=bool(opts.get("compile", False)))
+                            compile=bool(opts.get("compile", False)),
+                            t_weights=None if t_weights is None else tuple(float(v) for v in t_weights))
         model.eval().to(device)
         sched = self._scheduler(getattr(model, "image_size", None))
         if c.prediction == "v":  # the scorer compares eps predictions
@@ -216,9 +232,28 @@ class DiffusionClassifier(Method):
     def calibrate(self, model: nn.Module, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
                   device: torch.device) -> dict:
         """Temperature and class bias for softmax(-mean error / T + b), fitted on the validation split
-        (raw errors give near-uniform probabilities: diffusion-classifier issues #11/#23)."""
+        (raw errors give near-uniform probabilities: diffusion-classifier issues #11/#23).
+
+        With ``t_weights=fit``, per-t-bin weights are fitted first on the same full-budget errors and
+        recorded (``t_weights``, low t first); temperature and bias are then fitted on the weighted
+        mean errors, the score the weighted scorer (and its pruning test) ranks."""
+        from medclf.scoring.denoising import bank_timesteps, fit_t_weights, t_bins
+
+        c = self.config
         scorer = self.scorer(model, classes, {}, device)
-        scores = torch.cat([scorer.mean_error_scores(to_unit_float(images[i : i + 32].to(device)) * 2 - 1).cpu()
-                            for i in range(0, len(images), 32)])
+        batches = [to_unit_float(images[i : i + 32].to(device)) * 2 - 1 for i in range(0, len(images), 32)]
+        extra: dict = {}
+        if c.t_weights == "fit":
+            E = torch.cat([scorer.errors(x, adaptive=False).cpu() for x in batches])  # (n, N, K), all evaluated
+            T, N = len(scorer.ab), scorer.cfg.trials
+            bins = max(1, min(int(c.t_weight_bins), N))  # every bin holds a trial of the bank
+            t = bank_timesteps(N, T, scorer.cfg.t_range)
+            w = fit_t_weights(E, labels, t_bins(t, T, scorer.cfg.t_range, bins), bins)
+            extra["t_weights"] = [round(float(v), 6) for v in w]
+            weighted = self.scorer(model, classes, {"t_weights": extra["t_weights"]}, device)
+            scores = weighted.error_scores(E.to(device)).cpu()
+            extra["t_weights_nfe_share"] = float((weighted.trial_weights() > 0).float().mean())
+        else:
+            scores = torch.cat([scorer.mean_error_scores(x).cpu() for x in batches])
         cal = fit_calibration(scores, labels)
-        return {**cal, "fitted_on": int(len(labels)), "health": calibration_health(scores, labels, cal)}
+        return {**cal, **extra, "fitted_on": int(len(labels)), "health": calibration_health(scores, labels, cal)}

@@ -66,6 +66,10 @@ class ScoringConfig:
     amp: str = "off"
     channels_last: bool = False  #: CUDA only: channels_last inputs and weights (faster convolutions with amp)
     compile: bool = False  #: torch.compile the denoiser (first call pays the compile)
+    #: per-t-bin weights (``fit_t_weights``; bins split ``t_range`` evenly, low t first) or None
+    #: (unweighted). A class's score is then the weighted mean of its per-trial errors; trials whose
+    #: bin weighs 0 are not evaluated (fewer NFE); pool=mean only
+    t_weights: tuple[float, ...] | None = None
 
 
 POOLS = ("mean", "max", "top")
@@ -106,6 +110,70 @@ def van_der_corput(n: int) -> torch.Tensor:
     return out
 
 
+def bank_timesteps(n: int, T: int, t_range: tuple[float, float]) -> torch.Tensor:
+    """The bank's integer timesteps (n,): van der Corput order on an even grid over ``t_range`` of T steps."""
+    lo, hi = t_range
+    return torch.round((lo + (hi - lo) * van_der_corput(n)) * (T - 1)).long()
+
+
+def t_bins(t: torch.Tensor, T: int, t_range: tuple[float, float], bins: int) -> torch.Tensor:
+    """Each timestep's bin (0 = lowest t) among ``bins`` even bins over ``t_range``."""
+    lo, hi = t_range
+    tf = t.double() / (T - 1)
+    return ((tf - lo) / (hi - lo) * bins).long().clamp(0, bins - 1)
+
+
+def fit_t_weights(E: torch.Tensor, labels: torch.Tensor, tbin: torch.Tensor, bins: int,
+                  rule: str = "mean", z_min: float = 2.0) -> torch.Tensor:
+    """Per-bin trial weights (bins,), max 1, fitted on validation errors E (n, N, K) with trial bins ``tbin`` (N,).
+
+    Trials at different t carry very different class evidence (near t = 0 every class denoises
+    alike; near t = T the image is gone), so an even average wastes most of the budget.
+    ``mean``: w = mu / sigma^2 of d = e(wrong class) - e(true class) over the bin's trials, the weight
+    that maximises the signal-to-noise ratio of a weighted sum of independent trials (the scorer's
+    rule). ``vote``: w = log((K - 1) p / (1 - p)) for the bin's per-trial vote accuracy p, the
+    optimal weight of a symmetric noisy voter (benchmarks/classify.py's weighted vote). A bin weighs
+    0 unless its evidence (per image: the mean of d, or the vote accuracy above 1/K) is more than
+    ``z_min`` standard errors above 0 across images: a bin the fit cannot tell from noise only adds
+    variance, and a bin of weight 0 is never evaluated, so dropping it also saves its NFE. A bin
+    without trials takes its nearest bin's weight; if no bin carries evidence, every bin weighs 1
+    (unweighted).
+    """
+    if rule not in ("mean", "vote"):
+        raise ValueError(f"unknown rule {rule!r} (mean, vote)")
+    E = E.double()
+    K = E.shape[2]
+    y = torch.as_tensor(labels).long().view(-1, 1, 1).expand(-1, E.shape[1], 1)
+    d = E - E.gather(2, y)  # (n, N, K), 0 at the true class
+    wrong = torch.ones_like(E, dtype=torch.bool).scatter_(2, y, False)
+    hit = (E.argmin(2) == y[:, :, 0]).double()  # (n, N)
+    w = torch.zeros(bins, dtype=torch.float64)
+    seen = torch.zeros(bins, dtype=torch.bool)
+    for b in range(bins):
+        sel = tbin == b
+        if not sel.any():
+            continue
+        seen[b] = True
+        if rule == "mean":
+            db = d[:, sel][wrong[:, sel]]
+            var = db.var() if db.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+            w[b] = (db.mean() / var).clamp_min(0) if var > 0 else 0.0
+            per_image = (d[:, sel] * wrong[:, sel]).sum((1, 2)) / wrong[:, sel].sum((1, 2))  # (n,)
+        else:
+            p = hit[:, sel].mean().clamp(1e-3, 1 - 1e-3)
+            w[b] = torch.log((K - 1) * p / (1 - p)).clamp_min(0)
+            per_image = hit[:, sel].mean(1) - 1 / K
+        z = per_image.mean() / (per_image.std() / math.sqrt(len(per_image))) if len(per_image) > 1 else torch.nan
+        if not z > z_min:  # NaN (one image, or no spread at chance) fails too
+            w[b] = 0.0
+    if not seen.any() or not torch.isfinite(w).all() or w.max() <= 0:
+        return torch.ones(bins, dtype=torch.float64)
+    have = torch.nonzero(seen).flatten()
+    for b in torch.nonzero(~seen).flatten().tolist():  # empty bins: the nearest bin's weight
+        w[b] = w[have[(have - b).abs().argmin()]]
+    return w / w.max()
+
+
 class DenoisingScorer:
     """Scorer over any class-conditional eps-predicting denoiser and its schedule.
 
@@ -130,6 +198,12 @@ class DenoisingScorer:
             denoiser.to(memory_format=torch.channels_last)
         #: what evaluate() calls: the denoiser, compiled if asked (lazily, so building a scorer stays cheap)
         self._net: Denoiser | None = None
+        if cfg.t_weights is not None:
+            w = torch.as_tensor(cfg.t_weights, dtype=torch.float64)
+            if w.ndim != 1 or not len(w) or not torch.isfinite(w).all() or (w < 0).any() or w.max() <= 0:
+                raise ValueError(f"t_weights must be finite, >= 0, with one > 0 (got {list(cfg.t_weights)})")
+            if cfg.pool != "mean":
+                raise ValueError(f"t_weights weigh the mean error: pool={cfg.pool!r} takes none")
 
     @property
     def ab(self) -> torch.Tensor:
@@ -140,13 +214,21 @@ class DenoisingScorer:
     def bank(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(t (N,), eps (N, C, H, W)): fixed by the seed, shared by all images and classes."""
         if self._bank is None or self._bank[1].shape[1:] != shape:
-            n, T = self.cfg.trials, len(self.ab)
-            lo, hi = self.cfg.t_range
-            t = torch.round((lo + (hi - lo) * van_der_corput(n)) * (T - 1)).long()
+            n = self.cfg.trials
+            t = bank_timesteps(n, len(self.ab), self.cfg.t_range)
             g = torch.Generator().manual_seed(self.cfg.seed)
             eps = torch.randn((n, *shape), generator=g)
             self._bank = (t.to(self.device), eps.to(self.device))
         return self._bank
+
+    def trial_weights(self, n: int | None = None) -> torch.Tensor | None:
+        """(n,) weight of each of the bank's first n (default: ``trials``) trials from its t bin
+        (``cfg.t_weights``), or None when unweighted."""
+        if self.cfg.t_weights is None:
+            return None
+        wb = torch.as_tensor(self.cfg.t_weights, dtype=torch.float32)
+        t = bank_timesteps(self.cfg.trials if n is None else n, len(self.ab), self.cfg.t_range)
+        return wb[t_bins(t, len(self.ab), self.cfg.t_range, len(wb))].to(self.device)
 
     @torch.inference_mode()
     def evaluate(self, x: torch.Tensor, bb: torch.Tensor, kk: torch.Tensor, cc: torch.Tensor,
@@ -180,33 +262,41 @@ class DenoisingScorer:
     # ------------------------------------------------------------------------------- predict
     @torch.no_grad()
     def errors(self, x: torch.Tensor, adaptive: bool | None = None, maps: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, K) errors with NaN where a (trial, class) was not evaluated (pruned/stopped)."""
+        """(B, N, K) errors with NaN where a (trial, class) was not evaluated (pruned/stopped, or a
+        trial of weight 0 under ``t_weights``: those are never evaluated, and stages count the rest)."""
         B, K, N = x.shape[0], len(self.classes), self.cfg.trials
         adaptive = self.cfg.adaptive if adaptive is None else adaptive
         E = torch.full((B, N, K), float("nan"), device=self.device)
+        w = self.trial_weights()
+        order = None if w is None else torch.nonzero(w > 0).flatten()  # the trials to evaluate, in bank order
+        M = N if order is None else len(order)
         active = torch.ones(B, K, dtype=torch.bool, device=self.device)
-        stages = [min(N, self.cfg.min_trials * 2**i) for i in range(max(1, math.ceil(math.log2(max(N, 1)))) + 1)] if adaptive else [N]
+        stages = [min(M, self.cfg.min_trials * 2**i) for i in range(max(1, math.ceil(math.log2(max(M, 1)))) + 1)] if adaptive else [M]
         prev = 0
         for n in stages:
             live = active & (active.sum(1, keepdim=True) > 1) if prev else active
             b_idx, c_idx = live.nonzero(as_tuple=True)
             if len(b_idx) and n > prev:
-                ks = torch.arange(prev, n, device=self.device)
+                ks = torch.arange(prev, n, device=self.device) if order is None else order[prev:n]
                 bb = b_idx.repeat_interleave(len(ks))
                 cc = c_idx.repeat_interleave(len(ks))
                 kk = ks.repeat(len(b_idx))
                 E[bb, kk, cc] = self.evaluate(x, bb, kk, cc, maps)
             prev = n
-            if n >= N:
+            if n >= M:
                 break
-            active = self._prune(E[:, :n], active, looks=sum(1 for m in stages if m < N))
+            looks = sum(1 for m in stages if m < M)
+            if order is None:
+                active = self._prune(E[:, :n], active, looks=looks)
+            else:
+                active = self._prune(E[:, order[:n]], active, looks=looks, w=w[order[:n]])
         return E
 
     def _calibrated(self) -> bool:
         """Whether the decision ranks calibrated scores (then the class prior enters pruning)."""
         return self.cfg.decision == "posterior"
 
-    def _prune(self, E: torch.Tensor, active: torch.Tensor, looks: int) -> torch.Tensor:
+    def _prune(self, E: torch.Tensor, active: torch.Tensor, looks: int, w: torch.Tensor | None = None) -> torch.Tensor:
         """Drop classes significantly worse than the best one on the score the decision ranks.
 
         Active classes were evaluated on all n trials so far, so differences are paired throughout.
@@ -216,7 +306,12 @@ class DenoisingScorer:
         errors span orders of magnitude across t, so raw differences are too heavy-tailed for a
         t-test to ever decide, while their logs are not (at the cost of testing the geometric mean
         ratio, which equals the ratio of means when the class changes the error by the same factor
-        at every t). Tested against its standard error at the Bonferroni level alpha / looks."""
+        at every t). Tested against its standard error at the Bonferroni level alpha / looks.
+
+        With trial weights ``w`` (n,) the score is the weighted mean error, and the estimate the
+        w-weighted mean of the paired log differences, with its sandwich standard error
+        sqrt(n_e / (n_e - 1) sum w_k^2 (d_k - d_w)^2) / sum w_k, n_e = (sum w_k)^2 / sum w_k^2 (equal
+        weights: exactly the unweighted test), so the test stays on the score that calibration was fitted on."""
         n = E.shape[1]
         if n < 2:
             return active
@@ -225,32 +320,56 @@ class DenoisingScorer:
         calibrated = self._calibrated()
         bias = self.bias.to(E.device) if calibrated else torch.zeros(E.shape[2], device=E.device)
         T = self.temperature if calibrated else 1.0
-        mean = E.nanmean(1)
+        mean = E.nanmean(1) if w is None else self._wmean(E, w)
         best = torch.where(active, -mean / T + bias, -torch.inf).argmax(1)
         logE = E.clamp_min(1e-12).log()
         d = logE - logE.gather(2, best.view(-1, 1, 1).expand(-1, n, 1))  # (B, n, K) paired log differences
         m_best = mean.gather(1, best[:, None])  # (B, 1)
         allowed = m_best + T * (bias[None, :] - bias[best][:, None])  # the error c may have and still win
         delta = torch.where(allowed > 0, (allowed.clamp_min(1e-30) / m_best.clamp_min(1e-30)).log(), torch.inf)
-        excess = d.mean(1) - delta
-        se = d.std(1, unbiased=True) / math.sqrt(n)
-        z_crit = NormalDist().inv_cdf(1 - self.cfg.prune_alpha / max(looks, 1))
+        if w is None:
+            excess = d.mean(1) - delta
+            se = d.std(1, unbiased=True) / math.sqrt(n)
+        else:
+            wn = (w / w.sum()).view(1, -1, 1)
+            d_w = (wn * d).sum(1)  # (B, K)
+            n_eff = 1.0 / float((wn**2).sum())  # Kish's effective number of trials: unequal weights count less
+            se = ((wn**2 * (d - d_w[:, None]) ** 2).sum(1) * n_eff / max(n_eff - 1, 1e-6)).sqrt()
+            excess = d_w - delta
+        level = 1 - self.cfg.prune_alpha / max(looks, 1)
+        z_crit = NormalDist().inv_cdf(level)
+        if w is not None and n_eff < n - 1e-6:
+            # unequal weights leave fewer effective trials than n, most at the early looks, where the
+            # unweighted test's normal quantile then prunes too often (measured under a null at 64 trials:
+            # 28% vs 19% early stops). Widen it by the ratio of Student-t quantiles at n_e - 1 and n - 1
+            # degrees of freedom: 1 for equal weights (exactly the unweighted test), larger as n_e shrinks
+            from scipy.stats import t as student_t
+
+            z_crit *= float(student_t.ppf(level, max(n_eff - 1, 1.0)) / student_t.ppf(level, n - 1))
         worse = (excess > z_crit * se) & (excess > 0) & (best[:, None] != torch.arange(E.shape[2], device=E.device))
         return active & ~torch.nan_to_num(worse.float()).bool()
 
     @staticmethod
-    def class_means(E: torch.Tensor) -> torch.Tensor:
-        """(B, K) mean error per class on the full set of trials an image used.
+    def _wmean(E: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(B, K) w-weighted mean over the trials of E (B, N, K) that were evaluated (not NaN)."""
+        ok = ~torch.isnan(E)
+        ww = w.view(1, -1, 1).to(E.dtype) * ok
+        return (torch.where(ok, E, 0.0) * ww).sum(1) / ww.sum(1)
+
+    @staticmethod
+    def class_means(E: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) mean error per class on the full set of trials an image used (w-weighted if trial weights w (N,)).
 
         A standing class (evaluated on every trial used) keeps its own mean; a pruned class gets the
         best standing class's mean plus its mean paired difference on the trials both had."""
         evaluated = ~torch.isnan(E)
         used = evaluated.any(2)  # (B, N)
         standing = evaluated.sum(1) == used.sum(1, keepdim=True)
-        raw = E.nanmean(1)
+        raw = E.nanmean(1) if w is None else DenoisingScorer._wmean(E, w)
         ref = torch.where(standing, raw, torch.inf).argmin(1)  # (B,)
         e_ref = E.gather(2, ref.view(-1, 1, 1).expand(-1, E.shape[1], 1))  # (B, N, 1)
-        return raw.gather(1, ref[:, None]) + (E - e_ref).nanmean(1)
+        diff = (E - e_ref).nanmean(1) if w is None else DenoisingScorer._wmean(E - e_ref, w)
+        return raw.gather(1, ref[:, None]) + diff
 
     def decide(self, E: torch.Tensor, pooled: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,7 +379,7 @@ class DenoisingScorer:
         evaluated = ~torch.isnan(E)
         nfe = evaluated.sum((1, 2))
         # (B, K): pruned classes through their paired excess
-        mean = self.class_means(E) if pooled is None else pooled
+        mean = self.class_means(E, self.trial_weights(E.shape[1])) if pooled is None else pooled
         Einf = torch.where(evaluated, E, torch.inf)
         trial_done = evaluated.any(2)  # (B, N)
         winners = Einf.argmin(2)  # (B, N)
@@ -284,8 +403,13 @@ class DenoisingScorer:
         if self.cfg.pool != "mean":
             m = self.pooled_scores(x)[1]
             return -(m - m.min(1, keepdim=True).values)
-        E = self.errors(x, adaptive=False)
-        m = E.mean(1)
+        return self.error_scores(self.errors(x, adaptive=False))
+
+    def error_scores(self, E: torch.Tensor) -> torch.Tensor:
+        """-(mean error) per class of full-budget errors E (B, N, K), w-weighted under ``t_weights``
+        (trials of weight 0, NaN or not, are left out): what calibration is fitted on."""
+        w = self.trial_weights(E.shape[1])
+        m = E.mean(1) if w is None else self._wmean(torch.where(w.view(1, -1, 1) > 0, E, torch.nan), w)
         return -(m - m.min(1, keepdim=True).values)
 
     @torch.no_grad()
@@ -311,7 +435,7 @@ class DenoisingScorer:
             counts = (~torch.isnan(E)).sum(1).clamp_min(1)  # (B, K) trials each class was evaluated on
             err_maps = maps / counts[:, :, None, None]  # (B, K, H, W) mean per-pixel error per class
             runner = torch.where(torch.arange(K, device=self.device)[None] == pred[:, None].to(self.device),
-                                 torch.inf, self.class_means(E)).argmin(1) if K > 1 else pred
+                                 torch.inf, self.class_means(E, self.trial_weights(E.shape[1]))).argmin(1) if K > 1 else pred
             idx = torch.arange(B, device=self.device)
             evidence = err_maps[idx, runner.to(self.device)] - err_maps[idx, pred.to(self.device)]
             cf = self.guided_counterfactuals(x) if self.cfg.counterfactual == "guided" else self.counterfactuals(x)
