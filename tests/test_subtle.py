@@ -175,7 +175,8 @@ def test_both_methods_beat_chance_on_small_faint_lesions(method, subtle_cache, t
 
 
 # -------------------------------------------------------------------------------------------- preset
-@pytest.mark.parametrize("method, key, value", [("diffusion-classifier", "pool", "max"), ("baseline", "global_pool", "max")])
+@pytest.mark.parametrize("method, key, value", [("diffusion-classifier", "pool", "max"), ("baseline", "global_pool", None)])
+# the baseline has no entry in the preset: it keeps its default (None: timm's own pool)
 def test_small_findings_preset_fills_what_set_does_not_and_is_recorded(method, key, value, tiny_cache, tmp_path, capsys):
     import json
 
@@ -188,7 +189,7 @@ def test_small_findings_preset_fills_what_set_does_not_and_is_recorded(method, k
     assert run_app(app, [*common, *extra, "--out", str(tmp_path / "a")]) == 0
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert cfg["method_config"][key] == value, cfg["method_config"]
-    other = "top" if method == "diffusion-classifier" else "avg"  # an explicit --set wins over the preset
+    other = "top" if method == "diffusion-classifier" else "max"  # an explicit --set wins over the preset
     assert run_app(app, [*common, *extra, "--set", f"{key}={other}", "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["method_config"][key] == other
     capsys.readouterr()

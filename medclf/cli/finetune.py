@@ -26,7 +26,7 @@ def finetune_cmd(
     init: Annotated[Optional[Path], typer.Option(help="Start the backbone from a `medclf pretrain` run's encoder (sets --backbone).")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Any method option as KEY=VALUE (repeatable), e.g. --set mixup=0.2.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Method options for a kind of finding (fills what --set does not): "
-                                                       "small-findings (max pooling of the evidence).")] = None,
+                                                       "small-findings (diffusion classifier: max pooling of the error).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Train at this size from a cache of another: images are "
                                                            "resized on the device, and eval/classify/explain repeat it.")] = None,
     steps: Steps = 1000,

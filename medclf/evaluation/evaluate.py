@@ -98,9 +98,10 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
         nfe.append(p.nfe.numpy())
         for k, v in p.uncertainty.items():
             unc.setdefault(k, []).append(v.numpy())
-        for k in ("low", "high"):
-            if f"interval_{k}" in p.extras:
-                ivl.setdefault(k, []).append(p.extras[f"interval_{k}"].numpy())
+        for k in ("low", "high", "raw_low", "raw_high"):  # raw: before the conformal margin
+            name = f"raw_interval_{k[4:]}" if k.startswith("raw") else f"interval_{k}"
+            if name in p.extras:
+                ivl.setdefault(k, []).append(p.extras[name].numpy())
         if progress:
             progress(min(s + batch_size, hi) - lo, hi - lo)
     if share is not None and share.distributed:
@@ -114,7 +115,7 @@ def score_split(scorer, cache: CacheInfo, split: str, batch_size: int = 64, prog
     out = {"y": np.array(ys), "probs": np.concatenate(probs), "pred": np.concatenate(preds),
            "uncertainty": {k: np.concatenate(v) for k, v in unc.items()}, "nfe": np.concatenate(nfe), "ids": ids,
            "seconds": time.perf_counter() - t0}
-    if set(ivl) == {"low", "high"}:
+    if {"low", "high"} <= set(ivl):
         out["intervals"] = {k: np.concatenate(v) for k, v in ivl.items()}
     return out
 
@@ -190,6 +191,10 @@ def evaluate_run(run, scorer, cache: CacheInfo, split: str, *, bootstrap: int = 
         samples = getattr(scorer, "samples", None)
         m["intervals"] = picp(res["y"], res["intervals"]["low"], res["intervals"]["high"], run.classes, samples=samples)
         m["picp"] = m["intervals"]["picp"]
+        if "raw_low" in res["intervals"]:  # the samples' own percentiles, before the validation-fitted margin
+            raw = picp(res["y"], res["intervals"]["raw_low"], res["intervals"]["raw_high"], run.classes, samples=samples)
+            m["picp_raw"] = raw["picp"]
+            m["intervals"]["margin"] = float((run.config.get("calibration") or {}).get("interval_margin", 0.0))
         m["warnings"] += m["intervals"]["warnings"]
     if report:
         write_report(report, m, res["y"], res["probs"], run.classes, title=title)

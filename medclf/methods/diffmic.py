@@ -29,6 +29,7 @@ XzwHan/CARD; written afresh. Where medclf departs from the released code, the do
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,7 @@ AFTER_WARMUP = ("joint", "frozen", "train")
 #: recorded config lacking ``dcg`` is told from CLI options, which never carry all of them
 _RECORDED_BEFORE_DCG = frozenset({"dcg_backbone", "branch_ce_weight", "samples", "diffusion_steps", "clip_label",
                                   "n_crops", "mmd_weight"})
+INTERVAL_NOMINAL = 0.95  #: coverage the conformal margin is fitted for
 #: 2.5-97.5 percentiles of the sampled label vectors: CARD's/DiffMIC's ``PICP_range``
 INTERVAL_PERCENTILES = (2.5, 97.5)
 
@@ -575,6 +577,7 @@ class DiffMIC(BackboneMethod):
         ddim_timesteps(c.timesteps, steps)  # validates the step count up front
         model.eval().to(device)
         passes = 1 if model.dcg_net is None else 2
+        margin = float(calibration.get("interval_margin", 0.0))  # split-conformal widening fitted on val
 
         def forward(x: torch.Tensor) -> LabelOutput:
             g = torch.Generator(device=x.device).manual_seed(seed)
@@ -590,12 +593,37 @@ class DiffMIC(BackboneMethod):
             return LabelOutput(
                 probs=probs, nfe=torch.full((len(x),), samples * steps + passes, dtype=torch.long),
                 uncertainty={"spread": s["spread"], "disagreement": s["disagreement"]},
-                extras={"votes": s["votes"], "prior": out["prior"], "interval_low": s["interval_low"],
-                        "interval_high": s["interval_high"]},
+                extras={"votes": s["votes"], "prior": out["prior"], "interval_low": s["interval_low"] - margin,
+                        "interval_high": s["interval_high"] + margin, "raw_interval_low": s["interval_low"],
+                        "raw_interval_high": s["interval_high"]},
                 maps={"evidence": evidence[:, 0], "saliency": out["saliency"], "roi": roi})
 
         return LabelScorer(classes, forward, device, calibration, samples=samples)
 
     def calibrate(self, model: nn.Module, classes: list[str], images: torch.Tensor, labels: torch.Tensor,
                   device: torch.device) -> dict:
-        return calibrate_label_scorer(self.scorer(model, classes, {}, device), images, labels)
+        """Temperature (``calibrate_label_scorer``), then a split-conformal margin for the label intervals.
+
+        The samples' 2.5-97.5 percentiles under-cover (measured PICP 0.70-0.94 at 16-100 samples):
+        the chains' spread is not the label's uncertainty. On the validation split, each (image,
+        class) gets the score s = max(low - y, y - high) for its one-hot target y (> 0: missed by s);
+        the margin m is the ceil((n + 1) 0.95)-th smallest of the n scores (at least 0), and intervals
+        become [low - m, high + m], which covers a new (image, class) with probability >= 0.95 when it
+        is exchangeable with the validation ones, at the same sample count (Lei et al. 2018; recorded:
+        a run scored with other ``--samples`` gets another spread and keeps the margin only approximately).
+        """
+        scorer = self.scorer(model, classes, {}, device)
+        cal = calibrate_label_scorer(scorer, images, labels)
+        lows, highs = [], []
+        for i in range(0, len(images), 64):
+            ex = scorer.raw(images[i : i + 64]).extras
+            lows.append(ex["interval_low"].cpu())
+            highs.append(ex["interval_high"].cpu())
+        lo, hi = torch.cat(lows).double(), torch.cat(highs).double()
+        y = F.one_hot(torch.as_tensor(labels).long(), lo.shape[1]).double()
+        score = torch.maximum(lo - y, y - hi).flatten()
+        n = len(score)
+        rank = min(n, math.ceil((n + 1) * INTERVAL_NOMINAL))
+        margin = max(0.0, float(score.sort().values[rank - 1]))
+        return {**cal, "interval_margin": round(margin, 6), "interval_nominal": INTERVAL_NOMINAL,
+                "interval_samples": int(scorer.samples)}
